@@ -1,0 +1,1 @@
+"""Model access: the ModelBundle protocol, the layout name map and the runtimes."""

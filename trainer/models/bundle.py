@@ -1,0 +1,135 @@
+"""The ``ModelBundle`` protocol: everything a training mode needs from a model, and nothing more.
+
+Two runtimes implement it: the diffusers runtime (standalone, CLI, tests) and the Web-UI runtime
+(A1111 ldm/sgm and Forge modules trained in place). Modes never branch on the family: SD1, SD2 (eps or
+v) and SDXL differences live behind ``encode_prompts`` and ``predict``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from enum import Enum
+from typing import Protocol, Sequence, runtime_checkable
+
+import torch
+from torch import nn
+
+
+class Family(str, Enum):
+    """Model families we train."""
+
+    SD1 = "sd1"
+    SD2 = "sd2"
+    SDXL = "sdxl"
+
+    @property
+    def base_model_version(self) -> str:
+        """kohya's ``ss_base_model_version`` for eps models (v models of SD2 add ``_v``)."""
+        return {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}[self.value]
+
+
+@dataclass(frozen=True)
+class UNetShape:
+    """What the diffusers <-> ldm name map needs to know about a U-Net.
+
+    Attributes:
+        layers_per_block: resnets per down level (up levels have one more).
+        up_has_attention: per up level (diffusers ``up_blocks`` order), whether it has attentions.
+    """
+
+    layers_per_block: int
+    up_has_attention: tuple[bool, ...]
+
+
+@dataclass(frozen=True)
+class Cond:
+    """Text conditioning for a batch.
+
+    Attributes:
+        context: cross-attention states, (B, T, D).
+        pooled: SDXL pooled text embedding (B, P); None for SD1/SD2.
+    """
+
+    context: torch.Tensor
+    pooled: torch.Tensor | None = None
+
+    @property
+    def batch_size(self) -> int:
+        return self.context.shape[0]
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Cond:
+        pooled = None if self.pooled is None else self.pooled.to(device=device, dtype=dtype)
+        return Cond(self.context.to(device=device, dtype=dtype), pooled)
+
+    def repeat(self, n: int) -> Cond:
+        """Repeat every row n times along the batch axis (row order kept: a a b b for n=2)."""
+        pooled = None if self.pooled is None else self.pooled.repeat_interleave(n, 0)
+        return Cond(self.context.repeat_interleave(n, 0), pooled)
+
+    def select(self, index: torch.Tensor | list[int]) -> Cond:
+        pooled = None if self.pooled is None else self.pooled[index]
+        return replace(self, context=self.context[index], pooled=pooled)
+
+    @staticmethod
+    def cat(conds: Sequence[Cond]) -> Cond:
+        """Concatenate along the batch axis; contexts of different token lengths are padded by
+        repeating their last 77-token chunk is not meaningful, so lengths must match."""
+        pooled = None if conds[0].pooled is None else torch.cat([c.pooled for c in conds])  # type: ignore[misc]
+        return Cond(torch.cat([c.context for c in conds]), pooled)
+
+
+@runtime_checkable
+class ModelBundle(Protocol):
+    """A loaded model ready for adapter training.
+
+    Attributes:
+        family: SD1, SD2 or SDXL.
+        v_pred: True when the model predicts v (``model_v_pred`` or detected).
+        layout: ``"diffusers"`` or ``"ldm"``: how module paths inside ``unet`` are named.
+        unet_shape: layout facts for the name map.
+        unet: the denoiser whose Linear/Conv2d modules receive adapters.
+        text_encoders: kohya prefix -> text-encoder root whose module paths follow Hugging Face CLIP
+            naming (``text_model.encoder.layers.N.self_attn.q_proj``). ``{"lora_te": te}`` for SD1/SD2,
+            ``{"lora_te1": te1, "lora_te2": te2}`` for SDXL. May be empty when a host cannot train them.
+        device: where training runs.
+        dtype: dtype of the frozen weights.
+        alphas_cumprod: (1000,) float32 on ``device``: the training noise schedule.
+        name: model name for metadata (file stem or built-in name).
+        vae_scale_factor: pixels per latent pixel (8).
+    """
+
+    family: Family
+    v_pred: bool
+    layout: str
+    unet_shape: UNetShape
+    unet: nn.Module
+    text_encoders: dict[str, nn.Module]
+    device: torch.device
+    dtype: torch.dtype
+    alphas_cumprod: torch.Tensor
+    name: str
+    vae_scale_factor: int
+
+    def encode_prompts(self, prompts: Sequence[str]) -> Cond:
+        """Encode prompts exactly as inference does (gradients flow when TE adapters train)."""
+        ...
+
+    def encode_images(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Encode (B, 3, H, W) pixels in [-1, 1] to scaled latents (B, C, H/8, W/8), float32.
+
+        A latent *sample* is drawn with ``generator`` so results are reproducible without touching
+        the global RNG.
+        """
+        ...
+
+    def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Cond) -> torch.Tensor:
+        """Run the denoiser. SDXL size conditioning uses the pixel size of ``noisy`` (latent x 8)."""
+        ...
+
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        """Turn non-reentrant activation checkpointing of the U-Net blocks on or off."""
+        ...
+
+    def offload(self, *parts: str) -> None:
+        """Move parts that are no longer needed (``"vae"``, ``"text_encoders"``) off the device."""
+        ...
