@@ -1,0 +1,76 @@
+"""Safe names and atomic writes: every user-given name stays inside its folder, no file is half-written."""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from pathlib import Path
+
+from trainer.errors import SettingsError
+
+_BAD_NAME = re.compile(r"[\x00-\x1f<>:\"|?*]")
+
+
+def safe_name(name: str, key: str) -> str:
+    """Check a user-given file *name* (no folders) and return it stripped.
+
+    Args:
+        name: the name as typed, e.g. ``save_lora_name``'s value.
+        key: the settings key, used in the error message.
+
+    Returns:
+        The stripped name.
+
+    Raises:
+        SettingsError: the name is empty, contains a path separator, ``..``, a drive or a character
+            that file systems reject.
+    """
+    stripped = name.strip()
+    if not stripped:
+        raise SettingsError(key, "is empty; type a name such as 'my_lora'")
+    if "/" in stripped or "\\" in stripped or stripped in (".", "..") or ".." in stripped.split("."):
+        raise SettingsError(key, f"'{name}' must be a plain name without '/', '\\' or '..'; type a name such as 'my_lora'")
+    if os.path.isabs(stripped) or re.match(r"^[A-Za-z]:", stripped):
+        raise SettingsError(key, f"'{name}' must be a plain name, not an absolute path")
+    if _BAD_NAME.search(stripped):
+        raise SettingsError(key, f"'{name}' contains a character that file names cannot hold (<>:\"|?* or control)")
+    return stripped
+
+
+def inside(folder: str | os.PathLike[str], *parts: str) -> Path:
+    """Join ``parts`` under ``folder`` and make sure the result stays inside it.
+
+    Raises:
+        SettingsError: the joined path escapes ``folder`` (``..``, absolute parts, symlinks out).
+    """
+    root = Path(folder).resolve()
+    path = root.joinpath(*parts).resolve()
+    if path != root and root not in path.parents:
+        raise SettingsError("path", f"'{os.path.join(*parts)}' would leave the folder {root}")
+    return path
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
+    """Write ``data`` to ``path`` through a temp file in the same folder, fsync, then rename.
+
+    A crash or a full disk leaves either the old file or none, never a partial one.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
+    """Text variant of :func:`atomic_write_bytes` (UTF-8)."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
