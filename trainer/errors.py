@@ -51,3 +51,15 @@ class MissingPackage(TrainTrainError):
 
 class StopTraining(TrainTrainError):
     """Raised inside the step loop to end a run early (non-finite loss and the like)."""
+
+
+class ValidationError(TrainTrainError):
+    """Several settings problems found at once (R3); the message has one line per problem.
+
+    Args:
+        problems: the individual errors, each naming its field and the fix.
+    """
+
+    def __init__(self, problems: list[TrainTrainError]) -> None:
+        self.problems = list(problems)
+        super().__init__("\n".join(str(p) for p in self.problems))

@@ -1,0 +1,249 @@
+"""Shared training machinery: noise, timesteps, loss, precision, and the one step loop (R8).
+
+Every mode contributes only a ``loss_step(step) -> loss``; this file turns it into optimizer steps,
+progress events, periodic saves and stop handling.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from trainer.errors import SettingsError, StopTraining
+from trainer.progress import Events, LossTracker, ProgressEvent
+
+# -- noise and timesteps ------------------------------------------------------------------------
+
+
+class NoiseSchedule:
+    """DDPM forward process over the model's ᾱ table: x_t = √ᾱ·x₀ + √(1−ᾱ)·ε."""
+
+    def __init__(self, alphas_cumprod: torch.Tensor) -> None:
+        self.alphas_cumprod = alphas_cumprod.float()
+        self.sqrt_a = self.alphas_cumprod.sqrt()
+        self.sqrt_1ma = (1.0 - self.alphas_cumprod).sqrt()
+        self.snr = self.alphas_cumprod / (1.0 - self.alphas_cumprod)
+
+    def _coef(self, table: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return table.to(like.device)[t].view(-1, *([1] * (like.dim() - 1))).to(like.dtype)
+
+    def add_noise(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self._coef(self.sqrt_a, t, x0) * x0 + self._coef(self.sqrt_1ma, t, x0) * eps
+
+    def v_target(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self._coef(self.sqrt_a, t, x0) * eps - self._coef(self.sqrt_1ma, t, x0) * x0
+
+
+def check_timestep_range(lo: int, hi: int) -> None:
+    """Raises SettingsError unless 0 ≤ lo < hi ≤ 1000."""
+    if not 0 <= lo < hi <= 1000:
+        raise SettingsError(
+            "train_min_timesteps", f"range [{lo}, {hi}) is empty or outside [0, 1000]; set min < max, e.g. 0 and 1000"
+        )
+
+
+def sample_timesteps(
+    batch: int, lo: int, hi: int, *, fixed_in_batch: bool, generator: torch.Generator, device: torch.device
+) -> torch.Tensor:
+    """Integers uniform in [lo, hi): one per sample, or one shared by the batch."""
+    n = 1 if fixed_in_batch else batch
+    t = torch.randint(lo, hi, (n,), generator=generator, device=generator.device).to(device)
+    return t.expand(batch).contiguous() if fixed_in_batch else t
+
+
+# -- loss -----------------------------------------------------------------------------------------
+
+_ELEMENTWISE: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "MSE": lambda p, y: F.mse_loss(p, y, reduction="none"),
+    "L1": lambda p, y: F.l1_loss(p, y, reduction="none"),
+    "Smooth-L1": lambda p, y: F.smooth_l1_loss(p, y, reduction="none", beta=1.0),
+}
+
+
+class DenoiseLoss:
+    """Per-sample loss in float32, optionally masked, weighted by min-SNR, averaged over the batch.
+
+    Min-SNR (Hang et al. 2023): ε-prediction weight min(γ/SNR, 1); for v-prediction the equivalent
+    weight is min(SNR, γ)/(SNR + 1) (the reference used the ε formula for both, §17 #10).
+    """
+
+    def __init__(self, name: str, snr_gamma: float, v_pred: bool, schedule: NoiseSchedule) -> None:
+        if name not in _ELEMENTWISE:
+            raise SettingsError("train_loss_function", f"unknown '{name}'; choose one of {', '.join(_ELEMENTWISE)}")
+        self.elementwise = _ELEMENTWISE[name]
+        self.snr_gamma = snr_gamma
+        self.v_pred = v_pred
+        self.snr = schedule.snr
+
+    def weights(self, t: torch.Tensor) -> torch.Tensor:
+        snr = self.snr.to(t.device)[t]
+        gamma = torch.full_like(snr, self.snr_gamma)
+        if self.v_pred:
+            return torch.minimum(snr, gamma) / (snr + 1.0)
+        return torch.minimum(gamma / snr, torch.ones_like(snr))
+
+    def __call__(
+        self, pred: torch.Tensor, target: torch.Tensor, t: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        loss = self.elementwise(pred.float(), target.float())
+        if mask is not None:
+            # mean over the masked area only, so a small mask does not shrink the loss
+            mask = mask.to(loss.device, loss.dtype).expand_as(loss)
+            per_sample = (loss * mask).flatten(1).sum(1) / mask.flatten(1).sum(1).clamp_min(1.0)
+        else:
+            per_sample = loss.flatten(1).mean(1)
+        if self.snr_gamma > 0:
+            per_sample = per_sample * self.weights(t)
+        return per_sample.mean()
+
+
+# -- precision ------------------------------------------------------------------------------------
+
+_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+           "fp16": torch.float16, "float16": torch.float16}
+
+
+@dataclass
+class Precision:
+    """Autocast and gradient scaling chosen once at setup (R9): the loop never branches on dtype."""
+
+    model_dtype: torch.dtype
+    adapter_dtype: torch.dtype
+    device: torch.device
+    notes: tuple[str, ...] = ()
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        return self.model_dtype if self.model_dtype in (torch.float16, torch.bfloat16) else None
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def make_scaler(self):
+        """A real GradScaler only for fp16 on CUDA; elsewhere a pass-through with the same interface."""
+        enabled = self.model_dtype == torch.float16 and self.device.type == "cuda"
+        if hasattr(torch, "amp") and hasattr(torch.amp, "GradScaler"):
+            return torch.amp.GradScaler(self.device.type, enabled=enabled)
+        return torch.cuda.amp.GradScaler(enabled=enabled)  # torch < 2.3 (A1111)
+
+
+def resolve_precision(model_precision: str, lora_precision: str, device: torch.device, full_bf16: bool = False) -> Precision:
+    """Map the precision settings to dtypes for this device.
+
+    fp16 and bf16 frozen weights are GPU precisions: on CPU, fp16 runs as fp32 (CPU half kernels are
+    slow or missing) and bf16 stays bf16 under CPU autocast. Adapters train in fp32 unless bf16 is
+    asked for; fp16 adapters cannot be unscaled by the gradient scaler, so they are refused.
+
+    Raises:
+        SettingsError: an unknown precision, or fp16 adapters.
+    """
+    notes: list[str] = []
+    key = model_precision.lower()
+    if key in ("model", "int8"):
+        key = "fp16"  # frozen weights in half precision; int8 storage is handled by the runtime
+    if key not in _DTYPES:
+        raise SettingsError("train_model_precision", f"unknown '{model_precision}'; choose model, fp32, bf16, fp16 or int8")
+    model_dtype = _DTYPES[key]
+    if device.type == "cpu" and model_dtype == torch.float16:
+        notes.append("train_model_precision fp16 is a GPU precision; on this CPU the frozen weights stay fp32")
+        model_dtype = torch.float32
+    lkey = lora_precision.lower()
+    if lkey not in _DTYPES:
+        raise SettingsError("train_lora_precision", f"unknown '{lora_precision}'; choose fp32, bf16 or fp16")
+    adapter_dtype = torch.bfloat16 if full_bf16 else _DTYPES[lkey]
+    if adapter_dtype == torch.float16:
+        raise SettingsError("train_lora_precision", "fp16 adapters cannot be trained with loss scaling; choose fp32 (or bf16)")
+    return Precision(model_dtype, adapter_dtype, device, tuple(notes))
+
+
+# -- the step loop ------------------------------------------------------------------------------
+
+
+@dataclass
+class PassResult:
+    steps: int
+    final_loss: float | None
+    status: str  # "done", "stopped", "saved_stop"
+    last_save: str | None = None
+
+
+def save_steps(total: int, every: int) -> set[int]:
+    """Periodic save points k, 2k, … below ``total`` (the final save carries no step suffix)."""
+    return set(range(every, total, every)) if every > 0 else set()
+
+
+def train_pass(
+    loss_step: Callable[[int], torch.Tensor],
+    *,
+    total_steps: int,
+    optimizer,
+    schedule,
+    precision: Precision,
+    events: Events,
+    stop: Callable[[], str | None],
+    save: Callable[[int | None], str],
+    save_every: int = 0,
+    max_grad_norm: float = 0.0,
+    pass_index: int = 1,
+    epoch: Callable[[], int] = lambda: 0,
+) -> PassResult:
+    """Run exactly ``total_steps`` optimizer steps of ``loss_step`` (N, not N+1).
+
+    Args:
+        loss_step: builds the loss of step ``i`` (0-based); called under autocast.
+        optimizer: an ``OptimizerBundle`` from trainer.optim.
+        schedule: a ``Schedule`` from trainer.schedules (stepped once per step, with the EMA loss).
+        stop: returns None, ``"stop"`` or ``"save"`` (checked after every step).
+        save: writes the network; ``save(step)`` for step files, returns the path.
+
+    Raises:
+        StopTraining: the loss became NaN or infinite (the last periodic save is kept).
+    """
+    opt = optimizer.optimizer
+    params = [p for group in opt.param_groups for p in group["params"]]
+    scaler = precision.make_scaler()
+    tracker = LossTracker(total_steps)
+    periodic = save_steps(total_steps, save_every)
+    last_save: str | None = None
+    value: float | None = None
+    for step in range(1, total_steps + 1):
+        # forward under autocast; the mode decides what is predicted against what
+        with precision.autocast():
+            loss = loss_step(step - 1)
+        # one device sync per step: the value feeds the log, the plot and the NaN guard
+        value = float(loss.detach().float().item())
+        if not math.isfinite(value):
+            kept = f"; the last good save is {last_save}" if last_save else ""
+            raise StopTraining(f"loss became {value} at step {step}; lower train_learning_rate or use bf16/fp32{kept}")
+        scaler.scale(loss).backward()
+        # clip after unscaling so the threshold is in real gradient units
+        if max_grad_norm > 0:
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+        schedule.step(tracker.update(value))
+        elapsed, eta = tracker.timing(step)
+        events.emit(ProgressEvent(step, total_steps, value, tracker.ema, schedule.lrs(), epoch(), elapsed, eta, pass_index))
+        if step in periodic:
+            last_save = save(step)
+        request = stop()
+        if request == "save":
+            return PassResult(step, value, "saved_stop", save(step))
+        if request:
+            return PassResult(step, value, "stopped", last_save)
+    return PassResult(total_steps, value, "done", last_save)
+
+
+def cycle(factory: Callable[[], Iterator]) -> Iterator:
+    """Endless iteration over a re-creatable iterator (epochs of a dataset)."""
+    while True:
+        yield from factory()
