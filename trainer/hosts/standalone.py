@@ -1,0 +1,148 @@
+"""The standalone host: models from folders (and the built-in tiny models), LoRAs into a folder."""
+
+from __future__ import annotations
+
+import gc
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from trainer.errors import InputError
+
+BUILTIN_MODELS = ("tiny-sd1", "tiny-sd2v", "tiny-sdxl", "small-sd1", "sd15-random", "sdxl-random")
+CHECKPOINT_EXTS = (".safetensors", ".ckpt", ".pt", ".pth", ".sft")
+
+
+def pick_device(preference: str | None = None) -> torch.device:
+    """cuda → mps → cpu, unless ``preference`` (or ``TRAINTRAIN_DEVICE``) names one (R20)."""
+    choice = preference or os.environ.get("TRAINTRAIN_DEVICE", "")
+    if choice:
+        return torch.device(choice)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def _first_dir(root: Path, names: tuple[str, ...]) -> Path | None:
+    for name in names:
+        if (root / name).is_dir():
+            return root / name
+    return None
+
+
+class StandaloneHost:
+    """Folders as the model store.
+
+    Args:
+        models_dir: root with ``Stable-diffusion``/``StableDiffusion``, ``VAE`` and ``Lora`` subfolders
+            (or checkpoints directly inside it).
+        lora_dir: output folder; defaults to ``<models_dir>/Lora`` or ``./output``.
+        device: ``cuda``, ``cpu``, … (default: the best available).
+    """
+
+    name = "standalone"
+
+    def __init__(self, models_dir: str | os.PathLike[str] | None = None, lora_dir: str | os.PathLike[str] | None = None,
+                 device: str | None = None) -> None:
+        self.models_dir = Path(models_dir) if models_dir else None
+        root = self.models_dir
+        default_lora = (_first_dir(root, ("Lora", "lora")) or root / "Lora") if root else Path.cwd() / "output"
+        self._lora_dir = Path(lora_dir) if lora_dir else default_lora
+        self.device = pick_device(device)
+        self._cached: tuple[tuple, Any] | None = None
+        self._last_model = ""
+
+    # -- listing --------------------------------------------------------------------------------
+
+    def _ckpt_dir(self) -> Path | None:
+        if self.models_dir is None:
+            return None
+        return _first_dir(self.models_dir, ("Stable-diffusion", "StableDiffusion", "Stable-Diffusion")) or self.models_dir
+
+    def list_models(self) -> list[str]:
+        found: list[str] = []
+        folder = self._ckpt_dir()
+        if folder and folder.is_dir():
+            for path in sorted(folder.rglob("*")):
+                if path.is_file() and path.suffix.lower() in CHECKPOINT_EXTS and "vae" not in path.parent.name.lower():
+                    found.append(str(path.relative_to(folder)))
+                elif path.is_dir() and (path / "model_index.json").is_file():
+                    found.append(str(path.relative_to(folder)))
+        return found + list(BUILTIN_MODELS)
+
+    def list_vaes(self) -> list[str]:
+        vaes = [""]
+        folder = _first_dir(self.models_dir, ("VAE", "vae")) if self.models_dir else None
+        if folder:
+            vaes += [str(p.relative_to(folder)) for p in sorted(folder.rglob("*")) if p.suffix.lower() in CHECKPOINT_EXTS]
+        return vaes
+
+    def default_model(self) -> str:
+        return self._last_model or next(iter(self.list_models()), "tiny-sd1")
+
+    def lora_dir(self) -> Path:
+        self._lora_dir.mkdir(parents=True, exist_ok=True)
+        return self._lora_dir
+
+    def resolve(self, name: str, kind: str = "model") -> str:
+        """A built-in name, an existing path, or a name relative to the models (or VAE) folder.
+
+        Raises:
+            InputError: nothing of that name exists.
+        """
+        if not name or (kind == "model" and name in BUILTIN_MODELS):
+            return name
+        if Path(name).exists():
+            return str(Path(name))
+        folder = self._ckpt_dir() if kind == "model" else (_first_dir(self.models_dir, ("VAE", "vae")) if self.models_dir else None)
+        if folder and (folder / name).exists():
+            return str(folder / name)
+        raise InputError(name, f"no {kind} of that name; choose one from the list or give a full path")
+
+    # -- training -------------------------------------------------------------------------------
+
+    @contextmanager
+    def acquire(self, model: str, vae: str, *, precision: str, v_pred: bool | None) -> Iterator[Any]:
+        """Load the model (reusing the previous job's when it is the same) for one job."""
+        from trainer.models.diffusers_runtime import load_bundle
+        from trainer.modes.common import resolve_precision
+
+        model_path = self.resolve(model or self.default_model())
+        vae_path = self.resolve(vae, "vae") if vae and vae != "None" else None
+        dtype = resolve_precision(precision, "fp32", self.device).model_dtype
+        key = (model_path, vae_path, dtype, v_pred, precision == "int8")
+        if self._cached is None or self._cached[0] != key:
+            self._cached = None
+            gc.collect()
+            kwargs = {"device": self.device, "dtype": dtype, "v_pred": v_pred}
+            if precision == "int8":
+                kwargs["int8"] = True
+            bundle = load_bundle(model_path, vae_path, **kwargs)
+            self._cached = (key, bundle)
+        self._last_model = model or self._last_model
+        bundle = self._cached[1]
+        try:
+            yield bundle
+        finally:
+            bundle.set_gradient_checkpointing(False)
+            for module in bundle.unet.modules():  # adapters never stay attached between jobs
+                module.__dict__.pop("forward", None)
+
+    def on_saved(self, path: Path, sidecar: dict[str, Any] | None) -> None:
+        if sidecar:
+            from trainer.network import write_sidecar
+
+            write_sidecar(path, **sidecar)
+
+    def report(self, step: int, total: int, text: str) -> None:
+        pass
+
+    def interrupted(self) -> bool:
+        return False

@@ -1,0 +1,332 @@
+"""Components every mode is built from (R7): run context, outputs, adapters, optimizer, passes, saves.
+
+Builders take what they need and return a component; modes compose them. Ordering constraints are
+commented where they exist.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from trainer.csvlog import CsvSink, csv_path
+from trainer.errors import SettingsError
+from trainer.modes.common import DenoiseLoss, NoiseSchedule, PassResult, Precision, resolve_precision, train_pass
+from trainer.paths import inside
+from trainer.progress import Events, RunSummary
+
+
+@dataclass(frozen=True)
+class OutputPlan:
+    """Where this job's files go, and the overwrite rule for every one of them."""
+
+    lora_dir: Path
+    name: str
+    stamp: str
+    overwrite: bool
+    logs_root: Path | None = None
+
+    def path(self, suffix: str = "") -> Path:
+        return inside(self.lora_dir, f"{self.name}{suffix}.safetensors")
+
+    def check_free(self, suffixes: list[str]) -> None:
+        """Refuse, before anything is loaded, to overwrite an existing output without ``save_overwrite``.
+
+        Raises:
+            SettingsError: one of the planned files exists.
+        """
+        if self.overwrite:
+            return
+        for suffix in suffixes:
+            path = self.path(suffix)
+            if path.exists():
+                raise SettingsError("save_overwrite", f"{path} exists; tick save_overwrite or change save_lora_name")
+
+    def free_path(self, suffix: str) -> Path:
+        """For files whose name depends on when the user stopped: never overwrite, add ``_1``, ``_2``…"""
+        path = self.path(suffix)
+        n = 1
+        while path.exists() and not self.overwrite:
+            path = self.path(f"{suffix}_{n}")
+            n += 1
+        return path
+
+
+@dataclass
+class RunContext:
+    """Everything a mode recipe needs, chosen once at setup (R9, R20)."""
+
+    settings: Any
+    bundle: Any
+    events: Events
+    stop: Callable[[], str | None]
+    out: OutputPlan
+    seed: int
+    precision: Precision
+    noise: NoiseSchedule
+    started_at: float = field(default_factory=time.time)
+    notes: list[str] = field(default_factory=list)
+
+    @staticmethod
+    def create(settings, bundle, events: Events, stop, out: OutputPlan, seed: int) -> RunContext:
+        seed_everything(seed)
+        precision = resolve_precision(settings.train_model_precision, settings.train_lora_precision, bundle.device,
+                                      bool(getattr(settings, "train_full_bf16", False)))
+        ctx = RunContext(settings, bundle, events, stop, out, seed, precision, NoiseSchedule(bundle.alphas_cumprod))
+        for note in precision.notes:
+            ctx.note(note)
+        return ctx
+
+    def note(self, text: str) -> None:
+        self.notes.append(text)
+        self.events.warning(text)
+
+    def generator(self, offset: int = 0) -> torch.Generator:
+        """A device generator for noise/timesteps, seeded from the job seed (the global RNG is not used)."""
+        gen = torch.Generator(device=self.bundle.device)
+        gen.manual_seed((self.seed + offset) % 2**63)
+        return gen
+
+    def loss_fn(self, s) -> DenoiseLoss:
+        return DenoiseLoss(s.train_loss_function, float(s.train_snr_gamma), bool(self.bundle.v_pred), self.noise)
+
+
+@dataclass
+class ModeOutcome:
+    """What a mode hands back to the runner."""
+
+    status: str
+    lora_path: Path | None
+    steps: int
+    final_loss: float | None
+    saved: list[tuple[Path, dict[str, Any] | None]] = field(default_factory=list)
+    effect: float | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (adapter init and anything else that uses the global RNG)."""
+    random.seed(seed)
+    torch.manual_seed(seed % 2**63)
+    try:
+        import numpy as np
+
+        np.random.seed(seed % 2**32)
+    except ImportError:  # pragma: no cover - numpy ships with every host
+        pass
+
+
+# -- adapters ------------------------------------------------------------------------------------
+
+
+def build_adapters(ctx: RunContext, s, *, resume: str = "", seed_offset: int = 0):
+    """Build, optionally initialise from a file, and attach a network for settings ``s``."""
+    from trainer.network import NetworkSpec, build_network, load_network_weights
+
+    # seed right before init so a pass's adapters do not depend on what ran before it
+    torch.manual_seed((ctx.seed + seed_offset) % 2**63)
+    spec = NetworkSpec.from_settings(s)
+    network = build_network(ctx.bundle, spec, dtype=ctx.precision.adapter_dtype, device=ctx.bundle.device)
+    for warning in getattr(network, "warnings", ()):
+        ctx.note(warning)
+    if resume:
+        report = load_network_weights(network, resume)
+        ctx.events.info(f"network initialised from {resume}: {report}")
+    network.attach()
+    ctx.events.info(network.summary())
+    return network
+
+
+def train_text_encoder(s) -> bool:
+    """Text-encoder adapters train only when BASE is among the selected blocks."""
+    return "BASE" in tuple(s.network_blocks)
+
+
+# -- optimization --------------------------------------------------------------------------------
+
+
+def build_optimization(ctx: RunContext, s, network, total_steps: int):
+    """Optimizer and LR schedule for one pass; notes (fallbacks, warnings) go to the user."""
+    from trainer.optim import build_optimizer
+    from trainer.schedules import build_scheduler
+
+    te_lr = s.train_textencoder_learning_rate or s.train_learning_rate
+    groups = network.param_groups(s.train_learning_rate, te_lr)
+    optimizer = build_optimizer(s.train_optimizer, groups, lr=s.train_learning_rate,
+                                settings=dict(s.train_optimizer_settings), network=network, device=ctx.bundle.device)
+    for note in optimizer.notes:
+        ctx.note(note)
+    schedule = build_scheduler(
+        s.train_lr_scheduler, optimizer, total_steps=total_steps, warmup_steps=s.train_lr_warmup_steps,
+        num_cycles=s.train_lr_scheduler_num_cycles, power=s.train_lr_scheduler_power, step_rules=s.train_lr_step_rules,
+        settings=dict(s.train_lr_scheduler_settings),
+    )
+    return optimizer, schedule
+
+
+# -- saving --------------------------------------------------------------------------------------
+
+
+def make_metadata(ctx: RunContext, s, network, *, suffix: str, steps: int, extra: dict[str, Any]) -> dict[str, str]:
+    """kohya ``ss_*``/``modelspec.*`` plus our ``traintrain_*`` keys, built fresh for every file (§17 #9)."""
+    from trainer.network import build_metadata
+
+    h, w = s.image_size
+    return build_metadata(
+        settings=s, network=network, bundle=ctx.bundle, output_name=ctx.out.name + suffix, steps=steps,
+        seed=ctx.seed, started_at=ctx.started_at, resolution=(w, h), extra={"traintrain_mode": s.mode, **extra},
+    )
+
+
+def save_network(ctx: RunContext, s, network, path: Path, *, steps: int, extra: dict[str, Any]) -> Path:
+    """Write ``network`` to ``path`` (atomic, finite-checked) with metadata; adapters in eval for saving."""
+    from trainer.network import save_lora
+
+    suffix = path.stem[len(ctx.out.name):]
+    metadata = make_metadata(ctx, s, network, suffix=suffix, steps=steps, extra=extra)
+    state = network.kohya_state_dict(dtype=save_dtype(s.save_precision), strength=float(s.network_strength))
+    save_lora(path, state, metadata)
+    ctx.events.info(f"Saved {path}")
+    return path
+
+
+def save_dtype(name: str) -> torch.dtype:
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}.get(name, torch.float16)  # "model" and fp16 → fp16
+
+
+def run_pass(
+    ctx: RunContext,
+    s,
+    network,
+    loss_step: Callable[[int], torch.Tensor],
+    *,
+    pass_index: int = 1,
+    suffix: str = "",
+    csv_suffix: str = "",
+    epoch: Callable[[], int] = lambda: 0,
+    summary: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> tuple[PassResult, list[Path]]:
+    """Train one pass of ``s.train_iterations`` steps with CSV logging, periodic and stop saves.
+
+    Returns:
+        The pass result and the step/stop files written during it.
+    """
+    from trainer.optim import eval_mode, train_mode
+
+    total = int(s.train_iterations)
+    optimizer, schedule = build_optimization(ctx, s, network, total)
+    train_mode(optimizer.optimizer)
+    written: list[Path] = []
+    extra = dict(extra or {})
+
+    def save(step: int | None) -> str:
+        # schedule-free optimizers hold averaged weights only in eval mode (§17 #13)
+        eval_mode(optimizer.optimizer)
+        path = ctx.out.free_path(f"{suffix}_{step}steps")
+        written.append(save_network(ctx, s, network, path, steps=step or total, extra=extra))
+        train_mode(optimizer.optimizer)
+        return str(path)
+
+    sink = None
+    if ctx.out.logs_root is not None:
+        sink = CsvSink(csv_path(ctx.out.logs_root, ctx.out.name, ctx.out.stamp, csv_suffix), _csv_header(ctx, s), pass_index)
+        ctx.events.add(sink)
+    params = {g["name"]: sum(p.numel() for p in g["params"]) for g in network.param_groups(1.0, 1.0)}
+    ctx.events.emit(RunSummary(s.mode, pass_index, total, int(s.train_batch_size), trainable_params=params,
+                               network=network.summary(), seed=ctx.seed, extra={k: str(v) for k, v in (summary or {}).items()}))
+    try:
+        result = train_pass(
+            loss_step, total_steps=total, optimizer=optimizer, schedule=schedule, precision=ctx.precision,
+            events=ctx.events, stop=ctx.stop, save=save, save_every=int(s.save_per_steps),
+            max_grad_norm=float(getattr(s, "train_max_grad_norm", 0) or 0), pass_index=pass_index, epoch=epoch,
+        )
+    finally:
+        if sink is not None:
+            sink.close()
+            ctx.events.sinks.remove(sink)
+    eval_mode(optimizer.optimizer)
+    return result, written
+
+
+def _csv_header(ctx: RunContext, s) -> dict[str, str]:
+    return {
+        "network_rank": str(s.network_rank), "network_alpha": str(s.network_alpha),
+        "train_learning_rate": str(s.train_learning_rate), "train_iterations": str(s.train_iterations),
+        "train_lr_scheduler": s.train_lr_scheduler, "model_version": ctx.bundle.family.base_model_version,
+        "train_optimizer": s.train_optimizer, "save_lora_name": ctx.out.name,
+    }
+
+
+def finish(ctx: RunContext, s, network, result: PassResult, written: list[Path], *, suffix: str = "",
+           extra: dict[str, Any] | None = None, sidecar: dict[str, Any] | None = None,
+           effect_probe: Callable[[], float] | None = None) -> ModeOutcome:
+    """Final save (when the pass completed) with the effect check; collects every file written."""
+    extra = dict(extra or {})
+    saved: list[tuple[Path, dict[str, Any] | None]] = [(p, None) for p in written]
+    effect = None
+    final = Path(result.last_save) if result.last_save else None
+    if result.status == "done":
+        if effect_probe is not None and getattr(s, "effect_check", True):
+            effect = effect_probe()
+            extra["traintrain_effect"] = f"{effect:.6g}"
+            if not effect == effect or effect < 1e-4:
+                ctx.note(f"this LoRA changes nothing (effect {effect:.3g}); raise train_learning_rate or train_iterations")
+        final = save_network(ctx, s, network, ctx.out.path(suffix), steps=result.steps, extra=extra)
+        saved.append((final, sidecar))
+    return ModeOutcome(result.status, final, result.steps, result.final_loss, saved, effect, list(ctx.notes))
+
+
+# -- data ----------------------------------------------------------------------------------------
+
+
+class CaptionConds:
+    """Text encodings of every distinct caption, computed once when the text encoder is frozen.
+
+    All captions go through one ``encode_prompts`` call so long (chunked) captions share one padded
+    token length and a batch is a plain index into the stacked tensors.
+    """
+
+    def __init__(self, bundle, captions: list[str]) -> None:
+        unique = list(dict.fromkeys(captions))
+        self.index = {caption: i for i, caption in enumerate(unique)}
+        with torch.no_grad():
+            self.conds = bundle.encode_prompts(unique)
+
+    def lookup(self, captions: list[str]):
+        idx = torch.tensor([self.index[c] for c in captions], device=self.conds.context.device)
+        return self.conds.select(idx)
+
+
+def encode_dataset_images(ctx: RunContext, plan, *, pairs: bool = False):
+    """Encode a data plan's images once, in batches, with a seeded latent sample; keep them on the device."""
+    from trainer.data import encode_pairs, encode_samples
+
+    bundle, gen = ctx.bundle, ctx.generator(7)
+    total = len(plan.pairs if pairs else plan.samples)
+    ctx.events.info(f"Encoding {total} {'pairs' if pairs else 'images'}…")
+
+    def encode(pixels: torch.Tensor) -> torch.Tensor:
+        return bundle.encode_images(pixels.to(bundle.device), generator=gen)
+
+    encoder = encode_pairs if pairs else encode_samples
+    cache_dir = None
+    if getattr(ctx.settings, "image_cache_latents_to_disk", False):
+        cache_dir = Path(ctx.settings.lora_data_directory) / ".traintrain_cache"
+    started = time.perf_counter()
+    cached = encoder(plan, encode, batch_size=8, cache_dir=cache_dir, cache_key=f"{bundle.name}|{ctx.settings.vae}")
+    seconds = time.perf_counter() - started
+    ctx.events.info(f"Encoded {total} in {seconds:.1f} s ({total / max(seconds, 1e-9):.1f}/s)")
+    for bucket in cached.buckets:  # cached latents live on the device: no host-to-device copy per step
+        for name in ("latents", "orig_latents", "targ_latents", "masks"):
+            if hasattr(bucket, name):
+                setattr(bucket, name, getattr(bucket, name).to(bundle.device))
+    for warning in plan.warnings:
+        ctx.note(warning)
+    return cached

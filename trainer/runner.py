@@ -1,0 +1,101 @@
+"""Run one job: validate, plan outputs, acquire the model from the host, run the mode, report.
+
+Everything is checked before the model is touched (R3); the host restores itself on the way out,
+after success, stop or error alike.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from trainer.errors import SettingsError, ValidationError
+from trainer.modes import MODES
+from trainer.modes.setup import OutputPlan, RunContext
+from trainer.paths import safe_name
+from trainer.progress import Events
+
+
+def resolve_seed(seed: int) -> int:
+    """A negative seed draws one in [0, 2³²−1] (the reference's inclusive 2³² overflowed NumPy)."""
+    return random.SystemRandom().randrange(0, 2**32) if seed < 0 else seed
+
+
+def run_job(
+    settings,
+    host,
+    *,
+    events: Events,
+    stop: Callable[[], str | None] = lambda: None,
+    logs_root: Path | None = None,
+    json_root: Path | None = None,
+) -> dict[str, Any]:
+    """Train one job and return the structured result.
+
+    Returns:
+        ``{"status", "message", "lora_path", "steps", "final_loss", "seconds", "seed", "effect", ...}``;
+        ``status`` is ``done``, ``stopped`` or ``saved_stop``.
+
+    Raises:
+        ValidationError: settings problems (nothing was loaded or written).
+        TrainTrainError: a clear, named failure during the run.
+    """
+    from trainer.settings import validate
+
+    started = time.perf_counter()
+    problems = validate(settings)
+    if problems:
+        raise ValidationError(problems)
+    if settings.mode not in MODES:
+        raise SettingsError("mode", f"unknown '{settings.mode}'; choose one of {', '.join(MODES)}")
+    recipe = MODES[settings.mode]
+    seed = resolve_seed(settings.train_seed)
+    stamp = time.strftime("%Y%m%d_%H%M%S")
+    out = OutputPlan(host.lora_dir(), safe_name(settings.save_lora_name, "save_lora_name"), stamp,
+                     bool(settings.save_overwrite), logs_root if settings.logging_save_csv else None)
+    out.check_free(recipe.planned_suffixes(settings))
+    snapshot = None
+    if settings.save_as_json and json_root is not None:
+        from trainer.presets import write_snapshot
+
+        snapshot = write_snapshot(settings, json_root)
+    model = settings.model or host.default_model()
+    with host.acquire(model, settings.vae, precision=settings.train_model_precision,
+                      v_pred=True if settings.model_v_pred else None) as bundle:
+        ctx = RunContext.create(settings, bundle, events, stop, out, seed)
+        outcome = recipe.run(ctx)
+    for path, sidecar in outcome.saved:
+        host.on_saved(path, sidecar if settings.save_sidecar_json else None)
+    seconds = time.perf_counter() - started
+    result = {
+        "status": outcome.status,
+        "lora_path": str(outcome.lora_path) if outcome.lora_path else None,
+        "steps": outcome.steps,
+        "final_loss": outcome.final_loss,
+        "seconds": round(seconds, 3),
+        "seed": seed,
+        "mode": settings.mode,
+        "effect": outcome.effect,
+        "files": [str(p) for p, _ in outcome.saved],
+        "snapshot": str(snapshot) if snapshot else None,
+        "notes": list(outcome.notes),
+    }
+    result["message"] = _message(result)
+    return result
+
+
+def _message(result: dict[str, Any]) -> str:
+    path, status = result["lora_path"], result["status"]
+    effect = result.get("effect")
+    tail = f" ({result['steps']} steps, {result['seconds']:.1f} s"
+    tail += f", effect {effect:.3g})" if isinstance(effect, float) else ")"
+    if status == "stopped":
+        return "Stopped" + (f". Last saved to {path}" if path else "") + tail
+    if status == "saved_stop":
+        return f"Stopped. Successfully created to {path}{tail}"
+    if not path:
+        return "Done (nothing saved)" + tail
+    return f"Successfully created to {path}{tail}"
