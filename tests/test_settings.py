@@ -1,0 +1,329 @@
+"""The settings table: coercion, layering, JSON round trip, pass 2, validation, CLI items."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from trainer.errors import SettingsError
+from trainer.settings import (
+    BLOCK_IDS,
+    FIELD_BY_KEY,
+    FIELDS,
+    LEGACY_KEYS,
+    MODES,
+    OPTIMIZERS,
+    SEPARATOR,
+    Settings,
+    fields_for,
+    parse_kwargs,
+    parse_set_args,
+    settings_markdown,
+    validate,
+)
+
+REFERENCE_KEYS = [f.key for f in FIELDS][:59]
+SIZE, BLOCKS = "image_size(height, width)", "network_blocks(BASE = TextEncoder)"
+
+
+def test_table_has_the_59_reference_keys_in_export_order_then_additions_then_job_keys():
+    assert len(FIELDS) == len(FIELD_BY_KEY)  # no duplicate key
+    assert REFERENCE_KEYS[:3] == ["network_type", "network_rank", "network_alpha"]
+    assert REFERENCE_KEYS[6] == SIZE and REFERENCE_KEYS[16] == BLOCKS
+    assert REFERENCE_KEYS[31] == "train_fixed_timsteps_in_batch"  # reference typo kept in the key
+    assert REFERENCE_KEYS[-1] == "use_2nd_pass_settings"
+    job = [f.key for f in FIELDS if f.section == "job"]
+    assert job == ["mode", "model", "vae", "original prompt", "target prompt", "negative prompt",
+                   "original image", "target image"]
+    assert [f.key for f in FIELDS[-8:]] == job
+
+
+def test_field_attr_label_and_choices():
+    assert FIELD_BY_KEY[SIZE].attr == "image_size"
+    assert FIELD_BY_KEY[BLOCKS].attr == "network_blocks"
+    assert FIELD_BY_KEY["original prompt"].attr == "original_prompt"
+    assert FIELD_BY_KEY["network_rank"].label == "network rank"
+    assert FIELD_BY_KEY["train_fixed_timsteps_in_batch"].label == "train fixed timesteps in batch"
+    assert OPTIMIZERS.count("-" * 26) == 4 and OPTIMIZERS[5] == SEPARATOR
+    assert FIELD_BY_KEY["network_alpha"].choices[0] == 0.03125 and FIELD_BY_KEY["network_alpha"].choices[-1] == 1024.0
+    assert FIELD_BY_KEY["network_conv_rank"].choices[:2] == (0, 4)
+    assert FIELD_BY_KEY["network_type"].choices == ("lierla", "c3lier", "loha", "lokr", "dora")
+    assert len(FIELD_BY_KEY["train_lr_scheduler"].choices) == 15
+    assert all(f.help for f in FIELDS)
+    assert "noise latent" in FIELD_BY_KEY[SIZE].help
+    assert "BASE" in FIELD_BY_KEY["network_train_text_encoder"].help
+
+
+def test_modes_and_pass2_columns():
+    assert "ADDifT" in FIELD_BY_KEY["original prompt"].modes  # §17 #36: prompts condition these modes
+    assert FIELD_BY_KEY["original prompt"].modes == frozenset({"iLECO", "Difference", "ADDifT", "Multi-ADDifT"})
+    assert FIELD_BY_KEY["train_textencoder_learning_rate"].modes == frozenset({"LoRA"})
+    assert FIELD_BY_KEY["network_rank"].pass2 and not FIELD_BY_KEY["save_lora_name"].pass2
+    assert not any(FIELD_BY_KEY[k].pass2 for k in ("lora_data_directory", SIZE, "logging_save_csv", "diff_alt_ratio"))
+    assert [f.key for f in fields_for("iLECO", "pass2")] == []
+    assert "diff_target_name" in [f.key for f in fields_for("Multi-ADDifT")]
+    assert "diff_target_name" not in [f.key for f in fields_for("LoRA")]
+    with pytest.raises(SettingsError):
+        fields_for("Lora")
+
+
+def test_defaults_are_typed():
+    s = Settings.from_layers()
+    assert (s.network_rank, s.network_alpha, s.image_size) == (16, 8.0, (512, 512))
+    assert isinstance(s.network_alpha, float) and s.train_learning_rate == pytest.approx(1e-4)
+    assert s.network_blocks == BLOCK_IDS and s.train_optimizer_settings == {}
+    assert s.train_textencoder_learning_rate is None and s.train_seed == -1
+    assert (s.mode, s.save_lora_name, s.pass2) == ("LoRA", "untitled", None)
+    assert s.logging_save_csv is True and s.network_element == "Full"
+
+
+def test_layers_later_win_and_strings_are_coerced():
+    s = Settings.from_layers({"network_rank": 8}, {"network_rank": "32", SIZE: "768, 512"}, {"train_seed": "7"})
+    assert (s.network_rank, s.image_size, s.train_seed) == (32, (768, 512), 7)  # not sorted
+    assert Settings.from_layers({"image_size": 640}).image_size == (640, 640)
+    assert Settings.from_layers({"network_blocks": ["OUT01", "base"]}).network_blocks == ("BASE", "OUT01")
+    assert Settings.from_layers({"train_textencoder_learning_rate": "5e-5"}).train_textencoder_learning_rate == 5e-5
+    assert Settings.from_layers({"save_lora_name": " mine "}).save_lora_name == "mine"
+
+
+@pytest.mark.parametrize("text", ["false", "False", "0", "", "off", None])
+def test_false_words_are_false(text):
+    assert Settings.from_layers({"image_mirroring": text}).image_mirroring is False
+
+
+@pytest.mark.parametrize("text", ["true", "True", "1", True])
+def test_true_words_are_true(text):
+    assert Settings.from_layers({"image_mirroring": text}).image_mirroring is True
+
+
+@pytest.mark.parametrize(("key", "value"), [
+    ("network_rank", "sixteen"), ("network_rank", "16.5"), ("network_alpha", "nan"), ("train_batch_size", True),
+    ("image_mirroring", "maybe"), (SIZE, "512,512,512"), (SIZE, "big"), (BLOCKS, ["IN99"]),
+    ("train_learning_rate", "fast"), ("mode", "LECO"), ("train_optimizer_settings", "lr"),
+])  # fmt: skip
+def test_coercion_errors_name_the_key(key, value):
+    with pytest.raises(SettingsError) as err:
+        Settings.from_layers({key: value})
+    assert err.value.key == key and str(err.value).startswith(key)
+
+
+def test_unknown_key_in_layers_raises_with_close_match():
+    with pytest.raises(SettingsError, match="network_rank"):
+        Settings.from_layers({"network_rnak": 4})
+
+
+def test_settings_is_immutable_and_replace_copies():
+    s = Settings.from_layers()
+    with pytest.raises(AttributeError):
+        s.network_rank = 4  # type: ignore[misc]
+    t = s.replace(network_rank=4, image_size=(640, 512))
+    assert (t.network_rank, t.image_size, s.network_rank) == (4, (640, 512), 16)
+    assert t.raw[SIZE] == "640,512"
+    with pytest.raises(AttributeError, match="network_rank"):
+        _ = s.network_rnak
+
+
+def test_round_trip_is_identity():
+    s = Settings.from_layers(
+        {"mode": "Difference", "train_learning_rate": "3e-5", SIZE: "768,512", "train_optimizer": "adamw",
+         "train_optimizer_settings": "betas=(0.9, 0.99); weight_decay=0.01", "original prompt": "a cat",
+         "2nd pass": {"use_2nd_pass_settings": True, "network_rank": 4, "train_learning_rate": "1e-5"}})
+    data = json.loads(s.to_json())
+    back, warnings = Settings.from_json_dict(data)
+    assert back == s and warnings == []
+    assert data["train_learning_rate"] == "3e-5"  # text kept, not 3e-05
+    assert data["train_optimizer"] == "AdamW"
+    assert list(data)[-6:] == ["2nd pass", "mode", "model", "vae", "original prompt", "target prompt"]
+    assert "negative prompt" not in data and "original image" not in data
+    assert "2nd pass" not in Settings.from_layers().to_json_dict()  # Difference only
+
+
+def test_pass2_overrides_only_pass2_keys():
+    s = Settings.from_layers({"mode": "Difference", "save_lora_name": "one", "train_iterations": 500},
+                             {"2nd pass": {"use_2nd_pass_settings": True, "network_rank": 4, "train_iterations": 50,
+                                           "save_lora_name": "two", "diff_save_1st_pass": True}})
+    p2 = s.for_pass(2)
+    assert (p2.network_rank, p2.train_iterations) == (4, 50)
+    assert p2.save_lora_name == "one" and p2.diff_save_1st_pass is False  # not overridable
+    assert s.for_pass(1) is s
+
+
+def test_pass2_unticked_means_pass1_unchanged():
+    s = Settings.from_layers({"mode": "Difference", "2nd pass": {"network_rank": 4}})
+    assert s.pass2 is not None and s.pass2.network_rank == 4
+    assert s.for_pass(2) is s and s.for_pass(2).network_rank == 16
+
+
+def test_pass2_coercion_error_is_prefixed():
+    with pytest.raises(SettingsError) as err:
+        Settings.from_layers({"mode": "Difference", "2nd pass": {"network_rank": "x"}})
+    assert err.value.key == "2nd pass.network_rank"
+
+
+def test_from_json_warnings_for_unknown_and_legacy_keys():
+    s, warnings = Settings.from_json_dict({"network_rank": "8", "frobnicate": 1, "train_fixed_timesteps_in_batch": True,
+                                           "image_use_transparent_background_ajust": True, "te": "None"})
+    assert s.network_rank == 8 and s.train_fixed_timsteps_in_batch is True
+    assert len(warnings) == 3
+    assert any(w.startswith("frobnicate: unknown") for w in warnings)
+    assert all(new is None or new in FIELD_BY_KEY for new, _ in LEGACY_KEYS.values())
+
+
+def test_from_json_rejects_non_object():
+    with pytest.raises(SettingsError):
+        Settings.from_json_dict(["not", "a", "dict"])  # type: ignore[arg-type]
+
+
+# -- parse_kwargs
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("", {}),
+    ("weight_decay=0.01", {"weight_decay": 0.01}),
+    ("betas=(0.9,0.99)\neps = 1e-8", {"betas": (0.9, 0.99), "eps": 1e-8}),
+    ("milestones=[100, 200]; gamma=-0.5", {"milestones": [100, 200], "gamma": -0.5}),
+    ("name='a;b'; flag=True; none=None", {"name": "a;b", "flag": True, "none": None}),
+])  # fmt: skip
+def test_parse_kwargs_literals(text, expected):
+    assert parse_kwargs(text, "train_optimizer_settings") == expected
+
+
+@pytest.mark.parametrize("text", ["mode=min", "x=1+", "1x=2", "a=1;a=2", "novalue", "x="])
+def test_parse_kwargs_errors_name_key_and_fix(text):
+    with pytest.raises(SettingsError) as err:
+        parse_kwargs(text, "train_lr_scheduler_settings")
+    assert err.value.key == "train_lr_scheduler_settings"
+
+
+def test_parse_kwargs_unquoted_word_suggests_quotes():
+    with pytest.raises(SettingsError, match=r"quote strings: mode='x'"):
+        parse_kwargs("mode=min", "k")
+
+
+def test_parse_kwargs_never_evaluates(tmp_path):
+    marker = tmp_path / "pwned"
+    with pytest.raises(SettingsError):
+        parse_kwargs(f"x=__import__('os').mkdir({str(marker)!r})", "k")
+    with pytest.raises(SettingsError):
+        parse_kwargs("x=__import__('os')", "k")
+    assert not marker.exists()
+
+
+# -- validate
+
+
+def _errors(**layer):
+    return {e.key: str(e) for e in validate(Settings.from_layers(layer))}
+
+
+def test_valid_settings_per_mode_have_no_problems():
+    ok = {"lora_data_directory": "/data", "diff_target_name": "_after", "original prompt": "cat",
+          "original image": "a.png", "target image": "b.png"}
+    for mode in MODES:
+        assert _errors(**ok, mode=mode) == {}, mode
+
+
+@pytest.mark.parametrize(("layer", "key", "words"), [
+    ({"network_rank": 0}, "network_rank", "below 1"),
+    ({"network_alpha": 0}, "network_alpha", "> 0"),
+    ({"train_min_timesteps": 600, "train_max_timesteps": 500}, "train_min_timesteps", "not below"),
+    ({"train_max_timesteps": 1200}, "train_max_timesteps", "0..1000"),
+    ({"image_buckets_step": 0}, "image_buckets_step", "> 0"),
+    ({"image_buckets_step": 576, SIZE: "512"}, "image_buckets_step", "smaller image side"),
+    ({SIZE: "500"}, SIZE, "multiple of 8"),
+    ({"image_min_length": 1024}, "image_min_length", "larger image side"),
+    ({"train_batch_size": 0}, "train_batch_size", "below 1"),
+    ({"train_iterations": 0}, "train_iterations", "below 1"),
+    ({"train_learning_rate": "0"}, "train_learning_rate", "> 0"),
+    ({"train_optimizer": SEPARATOR}, "train_optimizer", "choose a real optimizer, not the separator line"),
+    ({"train_optimizer": "adamw9bit"}, "train_optimizer", "AdamW8bit"),
+    ({"train_lr_scheduler": "warp"}, "train_lr_scheduler", "cosine_annealing"),
+    ({"save_lora_name": "../evil"}, "save_lora_name", "plain name"),
+    ({"lora_data_directory": ""}, "lora_data_directory", "is empty"),
+    ({"train_model_precision": "fp8"}, "train_model_precision", "choose one of"),
+    ({"save_precision": "int8"}, "save_precision", "choose one of"),
+    ({BLOCKS: []}, BLOCKS, "no block"),
+])  # fmt: skip
+def test_validate_catches(layer, key, words):
+    errors = _errors(**{"lora_data_directory": "/data", **layer})
+    assert key in errors and words in errors[key]
+    assert errors[key].startswith(f"{key}: ") and ";" in errors[key]
+
+
+def test_validate_reports_all_problems_at_once():
+    errors = _errors(network_rank=0, train_batch_size=0, train_iterations=0)
+    assert {"network_rank", "train_batch_size", "train_iterations", "lora_data_directory"} <= set(errors)
+
+
+def test_validate_mode_specific_requirements():
+    assert "diff_target_name" in _errors(mode="Multi-ADDifT", lora_data_directory="/d")
+    assert "original prompt" in _errors(mode="iLECO")
+    assert {"original image", "target image"} <= set(_errors(mode="ADDifT"))
+    assert {"original image", "target image"} <= set(_errors(mode="Difference"))
+
+
+def test_validate_ignores_fields_irrelevant_to_the_mode():
+    # iLECO does not use buckets or the data folder; ADDifT does not use image_size.
+    assert _errors(mode="iLECO", **{"original prompt": "cat", "image_buckets_step": 0}) == {}
+    assert _errors(mode="ADDifT", **{"original image": "a", "target image": "b", SIZE: "500"}) == {}
+
+
+def test_validate_checks_pass2_values_in_use():
+    s = Settings.from_layers({"mode": "Difference", "original image": "a", "target image": "b",
+                              "2nd pass": {"use_2nd_pass_settings": True, "network_rank": 0}})
+    assert [e.key for e in validate(s)] == ["2nd pass.network_rank"]
+
+
+# -- docs and CLI
+
+
+def test_settings_markdown_lists_every_key():
+    md = settings_markdown()
+    for f in FIELDS:
+        assert f"`{f.key}`" in md
+    assert SEPARATOR not in md and md.count("\n") == len(FIELDS) + 2
+
+
+def test_parse_set_args():
+    layer = parse_set_args(["network_rank=8", "image_size(height, width)=768,512", "train_seed = 3",
+                            "2nd pass.train_iterations=200", "pass2.use_2nd_pass_settings=true", "original_prompt=a=b"])
+    assert layer == {"network_rank": "8", SIZE: "768,512", "train_seed": " 3", "original prompt": "a=b",
+                     "2nd pass": {"train_iterations": "200", "use_2nd_pass_settings": "true"}}
+    s = Settings.from_layers({"mode": "Difference"}, layer)
+    assert s.for_pass(2).train_iterations == 200 and s.image_size == (768, 512)
+
+
+def test_parse_set_args_unknown_key_lists_close_matches():
+    with pytest.raises(SettingsError, match="network_rank"):
+        parse_set_args(["network_rnk=8"])
+    with pytest.raises(SettingsError, match="KEY=VALUE"):
+        parse_set_args(["network_rank"])
+
+
+# -- property tests
+
+_VALUES = st.one_of(st.text(max_size=20), st.integers(), st.floats(allow_nan=True), st.booleans(), st.none())
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.sampled_from([f.key for f in FIELDS]), _VALUES, max_size=12))
+def test_from_json_dict_only_raises_settings_error(d):
+    try:
+        s, _ = Settings.from_json_dict(d)
+    except SettingsError:
+        return
+    assert Settings.from_json_dict(s.to_json_dict())[0].to_json_dict() == s.to_json_dict()
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=60))
+def test_parse_kwargs_only_raises_settings_error(text):
+    try:
+        result = parse_kwargs(text, "train_optimizer_settings")
+    except SettingsError:
+        return
+    assert all(k.isidentifier() for k in result)
+

@@ -1,0 +1,924 @@
+"""The single settings table: every setting declared once, by its reference JSON key.
+
+The UI widgets, CLI ``--set`` flags, preset import/export, the README table and validation are all
+generated from :data:`FIELDS`. Values flow as one frozen :class:`Settings` built in a fixed layer order
+(defaults -> preset -> UI/CLI); code reads ``settings.network_rank``, never a position.
+
+Raw values are kept in the reference product's JSON form (``"1e-4"`` stays text, ``image_size`` stays
+``"512,768"``) so presets round-trip byte-for-byte in meaning; typed values are computed once, at
+construction, and a value that cannot be coerced raises :class:`SettingsError` (no silent default).
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import json
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from trainer.errors import SettingsError
+from trainer.paths import safe_name
+
+MODES: tuple[str, ...] = ("LoRA", "iLECO", "Difference", "ADDifT", "Multi-ADDifT")
+PASS2_KEY = "2nd pass"
+SECTIONS: tuple[str, ...] = ("required", "optional", "job", "pass2")
+WIDGETS: tuple[str, ...] = ("dropdown", "text", "checkbox", "checkboxgroup", "textarea", "image")
+
+_ALL = frozenset(MODES)
+_LORA = frozenset({"LoRA"})
+_ILECO = frozenset({"iLECO"})
+_DIFF = frozenset({"Difference"})
+_DATA = frozenset({"LoRA", "Difference", "Multi-ADDifT"})  # reference "Visible in" for dataset keys
+_ADDIFT = frozenset({"ADDifT", "Multi-ADDifT"})
+_PROMPTED = frozenset({"iLECO", "Difference", "ADDifT", "Multi-ADDifT"})  # §17 #36: prompts condition these
+_IMAGES = frozenset({"Difference", "ADDifT"})
+
+SEPARATOR = "-" * 26
+RANKS: tuple[int, ...] = tuple(2**k for k in range(2, 11))
+ALPHAS: tuple[float, ...] = tuple(2.0 ** (k - 5) for k in range(16))
+BLOCK_IDS: tuple[str, ...] = (
+    ("BASE",) + tuple(f"IN{i:02d}" for i in range(12)) + ("M00",) + tuple(f"OUT{i:02d}" for i in range(12))
+)
+NETWORK_TYPES = ("lierla", "c3lier", "loha", "lokr", "dora")
+ELEMENTS = ("Full", "CrossAttention", "SelfAttention")
+# The reference also lists step 0, which hangs its bucket generator (§17 #22); we do not offer it.
+BUCKET_STEPS: tuple[int, ...] = tuple(range(64, 577, 64))
+LOSSES = ("MSE", "L1", "Smooth-L1")
+MODEL_PRECISIONS = ("model", "fp32", "bf16", "fp16", "int8")
+LORA_PRECISIONS = ("fp32", "bf16", "fp16")
+SAVE_PRECISIONS = ("model", "fp32", "bf16", "fp16")
+OPTIMIZERS: tuple[str, ...] = (
+    "AdamW", "AdamW8bit", "AdaFactor", "Lion", "Prodigy", SEPARATOR,
+    "DadaptAdam", "DadaptLion", "DAdaptAdaGrad", "DAdaptAdan", "DAdaptSGD", SEPARATOR,
+    "Adam8bit", "SGDNesterov8bit", "Lion8bit", "PagedAdamW8bit", "PagedLion8bit", SEPARATOR,
+    "RAdamScheduleFree", "AdamWScheduleFree", "SGDScheduleFree", SEPARATOR,
+    "CAME", "Tiger", "AdamMini", "PagedAdamW", "PagedAdamW32bit", "SGDNesterov", "Adam",
+)  # fmt: skip
+SCHEDULERS: tuple[str, ...] = (
+    "cosine_annealing", "cosine_annealing_with_restarts", "linear", "cosine", "cosine_with_restarts",
+    "polynomial", "constant", "constant_with_warmup", "piecewise_constant", "exponential", "step",
+    "multi_step", "reduce_on_plateau", "cyclic", "one_cycle",
+)  # fmt: skip
+_PRECISION_ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+_TRUE = {"true", "1", "yes", "on"}
+_FALSE = {"false", "0", "", "no", "off", "none"}
+
+
+@dataclass(frozen=True)
+class Field:
+    """One setting.
+
+    Attributes:
+        key: exact reference JSON key, e.g. ``image_size(height, width)``.
+        type: type of the coerced value (``tuple`` for image size and blocks, ``dict`` for kwargs text).
+        default: default in raw (JSON) form.
+        choices: legal or suggested values (dropdowns); enforced for names, suggested for numbers.
+        modes: modes in which the setting has an effect (and is shown).
+        pass2: may be overridden in Difference pass 2 (the reference's "D2" column).
+        section: ``required``, ``optional``, ``job`` or ``pass2``.
+        column: UI column 1..3 inside its section.
+        widget: ``dropdown``, ``text``, ``checkbox``, ``checkboxgroup``, ``textarea`` or ``image``.
+        label: UI label (the key with ``_`` -> space unless given).
+        help: effect · trade-off · typical value.
+        attr: attribute name on :class:`Settings` (derived from ``key``).
+    """
+
+    key: str
+    type: type
+    default: Any
+    choices: tuple = ()
+    modes: frozenset = _ALL
+    pass2: bool = False
+    section: str = "optional"
+    column: int = 1
+    widget: str = "text"
+    label: str = ""
+    help: str = ""
+    attr: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "attr", self.key.split("(")[0].strip().replace(" ", "_"))
+        if not self.label:
+            object.__setattr__(self, "label", self.key.replace("_", " "))
+        assert self.section in SECTIONS and self.widget in WIDGETS and 1 <= self.column <= 3, self.key
+
+
+def _f(key: str, type_: type, default: Any, help_: str, **kw: Any) -> Field:
+    """Shorthand for the table below."""
+    return Field(key=key, type=type_, default=default, help=help_, **kw)
+
+
+def _req(col: int, key: str, type_: type, default: Any, help_: str, **kw: Any) -> Field:
+    return _f(key, type_, default, help_, section="required", column=col, **kw)
+
+
+def _opt(col: int, key: str, type_: type, default: Any, help_: str, **kw: Any) -> Field:
+    return _f(key, type_, default, help_, section="optional", column=col, **kw)
+
+
+_DD, _CH, _TA = {"widget": "dropdown"}, {"widget": "checkbox"}, {"widget": "textarea"}
+_D2 = {"pass2": True}
+
+# Reference export order (§4.2) first, then our additions, then the job keys.
+FIELDS: tuple[Field, ...] = (
+    # -- required, column 1
+    _req(1, "network_type", str, "lierla",
+         "Adapter family. lierla: attention/linear layers only; c3lier adds 3x3 convs (more capacity, bigger "
+         "file); loha/lokr (LyCORIS) are more expressive per parameter; dora adds a learned magnitude. Typical: lierla.",
+         choices=NETWORK_TYPES, **_DD, **_D2),
+    _req(1, "network_rank", int, 16,
+         "Rank of each adapter. Higher learns more detail but overfits sooner and grows the file. "
+         "Typical: 16 for LoRA, 4 for iLECO/ADDifT.", choices=RANKS, **_DD, **_D2),
+    _req(1, "network_alpha", float, 8.0,
+         "Scale = alpha / rank. Lower alpha damps updates (pair with a higher learning rate). Typical: half the rank.",
+         choices=ALPHAS, **_DD, **_D2),
+    _req(1, "lora_data_directory", str, "",
+         "Folder of training images (searched recursively, captions from .txt/.caption). Used by LoRA and "
+         "Multi-ADDifT; shown but unused in Difference.", modes=_DATA),
+    _req(1, "diff_target_name", str, "",
+         "Multi-ADDifT pairing suffix: 'cat.png' pairs with 'cat<suffix>.png' as its target. Required in that mode. "
+         "Example: _after.", modes=frozenset({"Multi-ADDifT"})),
+    _req(1, "lora_trigger_word", str, "",
+         "Word put before every caption. In ADDifT, leaving it empty also drops BASE (text encoder) from the blocks.",
+         modes=frozenset({"LoRA", "Difference", "ADDifT", "Multi-ADDifT"})),
+    # -- required, column 2
+    _req(2, "image_size(height, width)", tuple, "512",
+         "'N' or 'height,width' in pixels (multiples of 8). LoRA/Multi-ADDifT: largest bucket. iLECO: size of "
+         "the one noise latent drawn once and reused at every step, kept in the given orientation. Typical: "
+         "512 (SD1), 1024 (SDXL).", modes=frozenset({"LoRA", "iLECO", "Multi-ADDifT"})),
+    _req(2, "train_iterations", int, 1000,
+         "Number of optimizer steps. More steps = stronger effect and more time. Typical: 1000 LoRA, 300-500 iLECO, "
+         "30-50 ADDifT.", **_D2),
+    _req(2, "train_batch_size", int, 2,
+         "Samples per step. Larger is smoother but needs more VRAM. Typical: 1-4.", **_D2),
+    _req(2, "train_learning_rate", float, "1e-4",
+         "U-Net learning rate. Too high burns the image, too low learns nothing. Typical: 1e-4 (AdamW), "
+         "1.0 (Prodigy/D-Adaptation).", **_D2),
+    # -- required, column 3
+    _req(3, "train_optimizer", str, "AdamW",
+         "Optimizer. AdamW is the safe default; 8bit variants save VRAM (bitsandbytes); Prodigy/D-Adaptation pick "
+         "the step size themselves (use lr 1.0); ScheduleFree ignore the LR scheduler. Names are case-insensitive.",
+         choices=OPTIMIZERS, **_DD, **_D2),
+    _req(3, "train_optimizer_settings", dict, "",
+         "Extra optimizer arguments, one name=value per line or ';'-separated, Python literals only. "
+         "Example: weight_decay=0.01; betas=(0.9,0.99). Quote strings: name='x'.", **_D2),
+    _req(3, "train_lr_scheduler", str, "cosine",
+         "How the learning rate changes over the run. cosine decays to 0; constant keeps it; the torch ones "
+         "(cosine_annealing, step, ...) take their arguments from the scheduler settings. Typical: cosine.",
+         choices=SCHEDULERS, **_DD, **_D2),
+    _req(3, "train_lr_scheduler_settings", dict, "",
+         "Extra scheduler arguments as name=value literals, e.g. eta_min=1e-5 for cosine_annealing or "
+         "milestones=[100,200] for multi_step. Leave empty for the diffusers schedulers.", **_D2),
+    _req(3, "save_lora_name", str, "",
+         "Output file name without extension; also names the CSV log and settings snapshot. Empty -> 'untitled'."),
+    _req(3, "use_gradient_checkpointing", bool, False,
+         "Recompute activations in backward: much less VRAM, about 20-30% slower. Turn on for SDXL on small GPUs.",
+         **_CH, **_D2),
+    _req(1, "network_blocks(BASE = TextEncoder)", tuple, list(BLOCK_IDS),
+         "U-Net blocks that get adapters; BASE adds text-encoder adapters (only useful in LoRA mode). Fewer blocks "
+         "= more targeted effect, smaller file. Blocks a family lacks (IN09 on SDXL) are ignored.",
+         choices=BLOCK_IDS, widget="checkboxgroup", **_D2),
+    # -- optional, column 1
+    _opt(1, "network_resume", str, "",
+         "Path of an existing LoRA to start from (same type and rank). Ignored in iLECO. Empty = fresh adapters.",
+         modes=_DATA),
+    _opt(1, "network_strength", float, 1.0,
+         "Scales the saved weights by this factor (each of up/down by its square root), so the LoRA at weight "
+         "1.0 acts like strength x. Typical: 1; ADDifT style presets use 2-5.", **_D2),
+    _opt(1, "network_conv_rank", int, 0,
+         "Rank of 3x3 conv adapters (c3lier/loha/lokr). 0 = same as network rank.",
+         choices=(0,) + RANKS, **_DD, **_D2),
+    _opt(1, "network_conv_alpha", float, 0.0,
+         "Alpha of 3x3 conv adapters. 0 = same as network alpha.", choices=(0.0,) + ALPHAS, **_DD, **_D2),
+    _opt(1, "network_element", str, "Full",
+         "Which sub-layers of attention blocks get adapters (lierla/c3lier): Full, CrossAttention (prompt "
+         "response, good for concepts) or SelfAttention (layout/style). Empty means Full.",
+         choices=ELEMENTS, **_DD, **_D2),
+    _opt(1, "network_train_text_encoder", bool, False,
+         "No effect (kept so reference presets load). The text encoder is trained by ticking BASE in network blocks.",
+         modes=_ILECO, **_CH),
+    _opt(1, "image_buckets_step", int, 256,
+         "Grid step of the aspect-ratio buckets in pixels. Smaller = closer fit to each image, more buckets "
+         "(smaller batches). Typical: 64-256.", choices=BUCKET_STEPS, modes=_DATA, **_DD),
+    _opt(1, "image_num_multiply", int, 1,
+         "Repeat every image this many times per epoch; balances small datasets. Typical: 1.", modes=_DATA),
+    _opt(1, "image_min_length", int, 512,
+         "Smallest bucket side in pixels. Typical: 512 (SD1), 768-1024 (SDXL).", modes=_DATA),
+    _opt(1, "image_max_ratio", float, 2.0,
+         "Largest bucket aspect ratio; wider images are cropped. Typical: 2.", modes=_DATA),
+    _opt(1, "sub_image_num", int, 0,
+         "Extra down-scaled copies of each image (teaches scale invariance, more steps per epoch). Typical: 0.",
+         modes=_DATA),
+    _opt(1, "image_mirroring", bool, False,
+         "Also train on horizontally flipped copies. Doubles data; wrong for asymmetric subjects (text, logos).",
+         modes=_DATA, **_CH),
+    _opt(1, "image_use_filename_as_tag", bool, False,
+         "Caption = trigger word + tags taken from the file name (when no caption file exists).", modes=_DATA, **_CH),
+    _opt(1, "image_disable_upscale", bool, False,
+         "Skip images smaller than their bucket instead of upscaling them (no blurry upscales, fewer images).",
+         modes=_DATA, **_CH),
+    _opt(1, "train_fixed_timsteps_in_batch", bool, False,
+         "Use one timestep for the whole batch (LoRA, Difference). Lower-variance comparisons, noisier gradient "
+         "over time. Ignored by iLECO.", label="train fixed timesteps in batch", **_CH, **_D2),
+    # -- optional, column 2
+    _opt(2, "train_textencoder_learning_rate", float, "",
+         "Learning rate of text-encoder adapters (BASE). Empty or 0 = same as the U-Net rate. Typical: empty or "
+         "half the U-Net rate.", modes=_LORA),
+    _opt(2, "train_seed", int, -1,
+         "Random seed for noise, timesteps and shuffling; -1 draws a new one (recorded in the LoRA).", **_D2),
+    _opt(2, "train_min_timesteps", int, 0,
+         "Lowest diffusion timestep sampled (inclusive, 0-1000). Raising it trains composition rather than detail.",
+         **_D2),
+    _opt(2, "train_max_timesteps", int, 1000,
+         "Highest timestep sampled (exclusive, 1-1000). Lowering it trains fine detail/style. ADDifT: 500-1000 for "
+         "actions, 200-400 for style.", **_D2),
+    _opt(2, "train_loss_function", str, "MSE",
+         "Loss between prediction and target. MSE is standard; L1/Smooth-L1 are less sensitive to outliers.",
+         choices=LOSSES, **_DD, **_D2),
+    _opt(2, "train_lr_step_rules", str, "",
+         "piecewise_constant only: 'factor:step,...,final', e.g. 1:100,0.1:200,0.01.", **_D2),
+    _opt(2, "train_lr_warmup_steps", int, 0,
+         "Steps of linear warm-up (diffusers schedulers). Stabilises the first steps. Typical: 0-100.", **_D2),
+    _opt(2, "train_lr_scheduler_num_cycles", int, 1,
+         "Restarts of cosine_with_restarts. Typical: 1.", **_D2),
+    _opt(2, "train_lr_scheduler_power", float, 1.0,
+         "Exponent of the polynomial scheduler; 1 = linear decay.", **_D2),
+    _opt(2, "train_snr_gamma", float, 5.0,
+         "Min-SNR loss weighting gamma: down-weights easy low-noise steps for faster convergence. <= 0 disables. "
+         "Typical: 5.", **_D2),
+    _opt(2, "save_per_steps", int, 0,
+         "Also save a step-numbered LoRA every N steps (0 = only at the end).", **_D2),
+    _opt(2, "diff_alt_ratio", float, 1.0,
+         "ADDifT: weight of the reverse (target->original) pass. Negative switches to noise-latent "
+         "regularisation. Typical: 1.", modes=_ADDIFT),
+    _opt(2, "diff_revert_original_target", bool, False,
+         "ADDifT: swap original and target images (learn the opposite change).", modes=_ADDIFT, **_CH),
+    _opt(2, "diff_use_diff_mask", bool, False,
+         "ADDifT: restrict the loss to the masked (alpha) area so only the changed region is learned.",
+         modes=_ADDIFT, **_CH),
+    # -- optional, column 3
+    _opt(3, "train_model_precision", str, "fp16",
+         "Dtype of the frozen U-Net/text encoder and the autocast mode. fp16/bf16 halve VRAM; bf16 is safer on "
+         "cards that support it; int8 quantises weights (torchao). model = fp16.",
+         choices=MODEL_PRECISIONS, **_DD, **_D2),
+    _opt(3, "train_lora_precision", str, "fp32",
+         "Dtype of the trainable adapters. fp32 is the stable choice.", choices=LORA_PRECISIONS, **_DD, **_D2),
+    _opt(3, "save_precision", str, "fp16",
+         "Dtype of the saved tensors. fp16 halves the file; model = fp16.", choices=SAVE_PRECISIONS, **_DD, **_D2),
+    _opt(3, "train_VAE_precision", str, "fp32",
+         "Dtype of the VAE while encoding images. fp32 avoids the SDXL VAE's fp16 NaNs.",
+         choices=LORA_PRECISIONS, **_DD, **_D2),
+    _opt(3, "diff_load_1st_pass", str, "",
+         "Difference: LoRA file name (searched in the LoRA folder) to use as the copier instead of training "
+         "pass 1. Saves time when reusing the same image pair.", modes=_DIFF),
+    _opt(3, "diff_save_1st_pass", bool, False,
+         "Difference: also save the copier as <name>_copy.safetensors.", modes=_DIFF, **_CH),
+    _opt(3, "diff_1st_pass_only", bool, False,
+         "Difference: stop after pass 1 and save the copier.", modes=_DIFF, **_CH),
+    _opt(3, "logging_save_csv", bool, True,
+         "Write a per-step loss/LR CSV (logs/<date>/). It also feeds the live loss plot, so keep it on.", **_CH),
+    _opt(3, "logging_verbose", bool, False,
+         "Print extra detail: file counts and every adapted module name.", **_CH),
+    _opt(3, "save_overwrite", bool, False,
+         "Allow overwriting an existing LoRA of the same name; off refuses to start instead.", **_CH, **_D2),
+    _opt(3, "save_as_json", bool, False,
+         "Write these settings to json/<date>/<name>-<time>.json when a run starts (a run history).", **_CH),
+    _opt(3, "model_v_pred", bool, False,
+         "Train against the v-prediction target. Tick for v models (SD2-768, v-pred SDXL finetunes).", **_CH, **_D2),
+    _f("use_2nd_pass_settings", bool, False,
+       "Difference: use the values of this accordion for pass 2. Off = pass 2 repeats the pass-1 settings.",
+       modes=_DIFF, section="pass2", **_CH, **_D2),
+    # -- our additions
+    _opt(1, "image_cache_latents_to_disk", bool, False,
+         "Cache VAE latents next to the images (.npz) and reuse them on the next run. Saves VRAM and time on "
+         "large datasets; stale if images change.", modes=frozenset({"LoRA", "Multi-ADDifT"}), **_CH),
+    _opt(1, "train_resume_state", str, "",
+         "Path of a full resume state file (adapters + optimizer + step) to continue an interrupted run exactly. "
+         "Empty = start fresh."),
+    _opt(2, "train_max_grad_norm", float, 0.0,
+         "Clip the gradient norm to this value; guards against loss spikes. 0 = off. Typical: 1.", **_D2),
+    _opt(3, "train_compile", bool, False,
+         "torch.compile the U-Net: faster steps after a slow first step; not on every platform.", **_CH),
+    _opt(3, "train_full_bf16", bool, False,
+         "Keep the adapters in bf16 as well: less VRAM, slightly less precise updates. Needs bf16 hardware.",
+         **_CH),
+    _opt(3, "save_sidecar_json", bool, True,
+         "Write A1111's <name>.json card sidecar (activation text, preferred weight) next to the LoRA.", **_CH),
+    _opt(3, "effect_check", bool, True,
+         "After training, measure how much the LoRA changes the model's prediction and report it (a tiny "
+         "number means it learned nothing).", **_CH),
+    # -- job keys
+    _f("mode", str, "LoRA", "Training mode.", choices=MODES, section="job", label="Mode", **_DD),
+    _f("model", str, "", "Base checkpoint to train on.", section="job", label="Model", **_DD),
+    _f("vae", str, "", "VAE for encoding images; empty = the checkpoint's own.", section="job", column=2,
+       label="VAE", **_DD),
+    _f("original prompt", str, "",
+       "iLECO: the concept to change. Difference/ADDifT/Multi-ADDifT: conditioning prompt for the original image "
+       "(empty = unconditional).", modes=_PROMPTED, section="job", label="Original Prompt", **_TA),
+    _f("target prompt", str, "",
+       "iLECO: what the original prompt should turn into; empty = erase it. Other modes: conditioning for the "
+       "target image.", modes=_PROMPTED, section="job", column=2, label="Target Prompt", **_TA),
+    _f("negative prompt", str, "", "Used only by the preview Generate buttons, not in training; not saved.",
+       modes=_ILECO, section="job", column=3, label="Negative Prompt (not used in training)", **_TA),
+    _f("original image", str, "", "Difference/ADDifT: path of the original (before) image.", modes=_IMAGES,
+       section="job", label="Original Image", widget="image"),
+    _f("target image", str, "", "Difference/ADDifT: path of the target (after) image, same size as the original.",
+       modes=_IMAGES, section="job", column=2, label="Target Image", widget="image"),
+)  # fmt: skip
+
+FIELD_BY_KEY: dict[str, Field] = {f.key: f for f in FIELDS}
+FIELD_BY_ATTR: dict[str, Field] = {f.attr: f for f in FIELDS}
+_JSON_JOB_KEYS = ("mode", "model", "vae", "original prompt", "target prompt")  # negative prompt/images: not saved
+
+# Keys seen in reference files that we rename or drop: old -> (new key or None, why). One warning each.
+LEGACY_KEYS: dict[str, tuple[str | None, str]] = {
+    "train_fixed_timesteps_in_batch": ("train_fixed_timsteps_in_batch", "spelling of the reference key"),
+    "image_use_transparent_background_ajust": (None, "removed in the reference in 2025; masks apply in ADDifT only"),
+    "te": (None, "the Z-Image text encoder selection is not supported"),
+    "diff_use_fixed_noise": (None, "never used by the reference"),
+    "train_optimizer_args": (None, "use train_optimizer_settings"),
+    "gradient_accumulation_steps": (None, "not supported; raise train_batch_size"),
+    "train_repeat": (None, "use image_num_multiply"),
+    "logging_use_wandb": (None, "not supported; use logging_save_csv"),
+    "logging_use_tensorboard": (None, "not supported; use logging_save_csv"),
+    "logging_dir": (None, "logs go to logs/<date>/"),
+    "train_use_bucket": (None, "buckets are always used"),
+    "gen_noise_scheduler": (None, "not used in training"),
+    "lora_train_targets": (None, "use network_blocks(BASE = TextEncoder)"),
+}
+
+_PARSE_ERRORS = (ValueError, TypeError, OverflowError, SyntaxError, MemoryError, RecursionError)
+
+
+# ---------------------------------------------------------------- kwargs text
+
+
+def _split_segments(text: str) -> list[str]:
+    """Split on newlines and on ';' outside quotes (so name='a;b' survives)."""
+    segments, current, quote, escaped = [], [], "", False
+    for ch in text:
+        if quote:
+            current.append(ch)
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == quote:
+                quote = ""
+        elif ch in "'\"":
+            quote = ch
+            current.append(ch)
+        elif ch in ";\n\r":
+            segments.append("".join(current))
+            current = []
+        else:
+            current.append(ch)
+    segments.append("".join(current))
+    return [s.strip() for s in segments if s.strip()]
+
+
+def parse_kwargs(text: str, key: str) -> dict[str, Any]:
+    """Parse ``name=value`` lines (or ``;``-separated pairs) with Python literal values.
+
+    Args:
+        text: e.g. ``"weight_decay=0.01; betas=(0.9, 0.99)"``.
+        key: the settings key, for error messages.
+
+    Returns:
+        The names mapped to their literal values.
+
+    Raises:
+        SettingsError: a segment lacks ``=``, a name is not an identifier or given twice, or a value is not
+            a Python literal (values are read with ``ast.literal_eval``, never evaluated).
+    """
+    if not isinstance(text, str):
+        raise SettingsError(key, f"expected text of name=value lines, got {type(text).__name__}")
+    result: dict[str, Any] = {}
+    for seg in _split_segments(text):
+        name, sep, value = seg.partition("=")
+        name, value = name.strip(), value.strip()
+        if not sep or not name.isidentifier():
+            raise SettingsError(key, f"line '{seg}' is not name=value; write e.g. weight_decay=0.01")
+        if name in result:
+            raise SettingsError(key, f"'{name}' is given twice; keep one line for it")
+        try:
+            result[name] = ast.literal_eval(value)
+        except _PARSE_ERRORS as err:
+            raise SettingsError(
+                key, f"line '{seg}': '{value}' is not a Python literal; quote strings: {name}='x'"
+            ) from err
+    return result
+
+
+def _kwargs_text(value: Mapping) -> str:
+    return "\n".join(f"{k}={v!r}" for k, v in value.items())
+
+
+# ---------------------------------------------------------------- coercion (raw -> canonical raw, typed)
+
+
+def _bad(f: Field, value: Any, what: str) -> SettingsError:
+    return SettingsError(f.key, f"{value!r} is not {what}")
+
+
+def _to_bool(f: Field, value: Any) -> tuple[bool, bool]:
+    # The reference did bool("false") == True for hand-edited JSON; words are read by meaning here.
+    if value is None or isinstance(value, bool):
+        return bool(value), bool(value)
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value), bool(value)
+    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+        flag = value.strip().lower() in _TRUE
+        return flag, flag
+    raise _bad(f, value, "true or false; tick or untick the box (true/false)")
+
+
+def _to_number(f: Field, value: Any, kind: type) -> float | int:
+    if isinstance(value, bool) or value is None or isinstance(value, (list, tuple, dict)):
+        raise _bad(f, value, f"a number; type e.g. {f.default!s}")
+    try:
+        number = float(value.strip()) if isinstance(value, str) else float(value)
+    except _PARSE_ERRORS as err:
+        raise _bad(f, value, f"a number; type e.g. {f.default!s}") from err
+    if not math.isfinite(number):
+        raise _bad(f, value, "a finite number")
+    if kind is int:
+        if number != int(number):
+            raise _bad(f, value, f"a whole number; type e.g. {f.default!s}")
+        if isinstance(value, int):
+            return value
+        return int(value.strip()) if isinstance(value, str) and value.strip().lstrip("+-").isdigit() else int(number)
+    return number
+
+
+def _to_text(f: Field, value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise _bad(f, value, "text")
+
+
+def _to_choice(f: Field, value: Any) -> str:
+    text = _to_text(f, value).strip()
+    text = _PRECISION_ALIASES.get(text.lower(), text) if f.choices is not OPTIMIZERS else text
+    for choice in f.choices:
+        if isinstance(choice, str) and choice.lower() == text.lower():
+            return choice  # canonical spelling: 'adamw' -> 'AdamW' keeps old presets loadable
+    return text  # left to validate(), which lists the choices for the relevant mode only
+
+
+def _to_size(f: Field, value: Any) -> tuple[str, tuple[int, int]]:
+    if isinstance(value, (list, tuple)):
+        parts = list(value)
+    elif isinstance(value, (int, float, str)) and not isinstance(value, bool):
+        parts = [p for p in str(value).replace("x", ",").split(",")]
+    else:
+        raise _bad(f, value, "a size; type 512 or 768,512 (height,width)")
+    if not 1 <= len(parts) <= 2:
+        raise _bad(f, value, "a size; type 512 or 768,512 (height,width)")
+    nums = tuple(_to_number(f, p, int) for p in parts)
+    height, width = (nums[0], nums[0]) if len(nums) == 1 else nums
+    return (str(height) if height == width else f"{height},{width}"), (height, width)
+
+
+def _to_blocks(f: Field, value: Any) -> list[str]:
+    if isinstance(value, str):
+        value = [v for v in value.replace(" ", ",").split(",") if v]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise _bad(f, value, "a list of block IDs such as ['BASE', 'IN01', 'M00']")
+    unknown = [v for v in value if v.strip().upper() not in BLOCK_IDS]
+    if unknown:
+        raise SettingsError(f.key, f"unknown block {unknown[0]!r}; choose from {', '.join(BLOCK_IDS)}")
+    chosen = {v.strip().upper() for v in value}
+    return [b for b in BLOCK_IDS if b in chosen]
+
+
+_LR_KEYS = frozenset({"train_learning_rate", "train_textencoder_learning_rate"})
+_SIZE_KEY = "image_size(height, width)"
+_BLOCKS_KEY = "network_blocks(BASE = TextEncoder)"
+
+
+def _coerce(f: Field, value: Any) -> tuple[Any, Any]:
+    """Return (canonical raw value, typed value) or raise SettingsError naming the key."""
+    if f.type is bool:
+        return _to_bool(f, value)
+    if f.key == _SIZE_KEY:
+        return _to_size(f, value)
+    if f.key == _BLOCKS_KEY:
+        blocks = _to_blocks(f, value)
+        return blocks, tuple(blocks)
+    if f.type is dict:
+        text = _kwargs_text(value) if isinstance(value, Mapping) else _to_text(f, value)
+        return text, parse_kwargs(text, f.key)
+    if f.key in _LR_KEYS:  # kept as text so "1e-4" is not rewritten as 0.0001
+        text = _to_text(f, value).strip()
+        if f.key == "train_textencoder_learning_rate" and text == "":
+            return "", None
+        number = _to_number(f, text, float)
+        if f.key == "train_textencoder_learning_rate" and number == 0:
+            return text, None  # reference: 0 means "same as the U-Net rate"
+        return text, number
+    if f.type in (int, float):
+        number = _to_number(f, value, f.type)
+        return number, number
+    if f.choices:
+        text = _to_choice(f, value)
+        if f.key == "network_element" and text == "":
+            text = "Full"  # reference default is empty, shown and treated as Full
+        if f.key == "mode" and text not in MODES:
+            raise SettingsError("mode", f"unknown mode {text!r}; choose one of {', '.join(MODES)}")
+        return text, text
+    text = _to_text(f, value)
+    if f.key == "vae" and text.strip() == "None":
+        text = ""  # reference presets write "None" for "no separate VAE"
+    return text, text
+
+
+def _typed_extra(raw: Mapping[str, Any], values: dict[str, Any]) -> None:
+    """Derived conveniences computed once (the raw value is unchanged)."""
+    values["save_lora_name"] = raw["save_lora_name"].strip() or "untitled"
+
+
+# ---------------------------------------------------------------- key resolution
+
+
+def _close(name: str) -> str:
+    matches = difflib.get_close_matches(name, list(FIELD_BY_KEY) + list(FIELD_BY_ATTR), n=3, cutoff=0.6)
+    return f"did you mean {', '.join(matches)}?" if matches else "see the settings table (settings_markdown())"
+
+
+def resolve_key(name: str) -> str:
+    """Map an exact key or an attribute name to the exact key.
+
+    Raises:
+        SettingsError: the name is neither, with close matches.
+    """
+    if name in FIELD_BY_KEY:
+        return name
+    if name in FIELD_BY_ATTR:
+        return FIELD_BY_ATTR[name].key
+    if name in LEGACY_KEYS and LEGACY_KEYS[name][0]:
+        return LEGACY_KEYS[name][0]
+    raise SettingsError(name, f"unknown setting; {_close(name)}")
+
+
+def _is_empty(value: Any) -> bool:
+    return value in (None, "", "None", False) or value == []
+
+
+def _normalize_json(d: Mapping[str, Any], warnings: list[str], where: str = "") -> dict[str, Any]:
+    """Rename legacy keys and drop unknown ones, collecting one warning each."""
+    out: dict[str, Any] = {}
+    for name, value in d.items():
+        if name == PASS2_KEY and not where:
+            if isinstance(value, Mapping) and value:
+                out[PASS2_KEY] = _normalize_json(value, warnings, f"{PASS2_KEY}: ")
+            elif not (value is None or isinstance(value, Mapping)):
+                raise SettingsError(PASS2_KEY, f"expected an object or null, got {type(value).__name__}")
+        elif name in LEGACY_KEYS:
+            new, why = LEGACY_KEYS[name]
+            if new:
+                out[new] = value
+                warnings.append(f"{where}{name}: renamed to {new} ({why})")
+            elif not _is_empty(value):
+                warnings.append(f"{where}{name}: ignored ({why})")
+        elif isinstance(name, str) and (name in FIELD_BY_KEY or name in FIELD_BY_ATTR):
+            out[resolve_key(name)] = value
+        else:
+            warnings.append(f"{where}{name}: unknown setting, ignored; {_close(str(name))}")
+    return out
+
+
+# ---------------------------------------------------------------- the value
+
+
+class Settings:
+    """One immutable set of settings: typed attribute access plus the raw JSON form.
+
+    Build with :meth:`from_layers` or :meth:`from_json_dict`. ``s.network_rank`` is an int,
+    ``s.image_size`` a ``(height, width)`` tuple, ``s.train_optimizer_settings`` a dict, ``s.pass2`` the
+    Difference pass-2 values (or None). ``s.raw`` is the reference JSON form of every key.
+    """
+
+    __slots__ = ("_raw", "_values", "pass2")
+
+    def __init__(self, raw: Mapping[str, Any], pass2: Settings | None = None) -> None:
+        """Coerce a complete or partial raw mapping (missing keys take defaults).
+
+        Raises:
+            SettingsError: a value cannot be coerced to its field's type.
+        """
+        merged = {f.key: f.default for f in FIELDS}
+        merged.update({resolve_key(k): v for k, v in raw.items()})
+        canon, values = {}, {}
+        for f in FIELDS:
+            canon[f.key], values[f.attr] = _coerce(f, merged[f.key])
+        _typed_extra(canon, values)
+        object.__setattr__(self, "_raw", canon)
+        object.__setattr__(self, "_values", values)
+        object.__setattr__(self, "pass2", pass2)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        try:
+            return self._values[name]
+        except KeyError:
+            raise AttributeError(f"Settings has no setting {name!r}; {_close(name)}") from None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("Settings is immutable; use settings.replace(...)")
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Settings) and self._raw == other._raw and self.pass2 == other.pass2
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        changed = {k: v for k, v in self._raw.items() if v != Settings._defaults_raw().get(k)}
+        return f"Settings({changed!r}, pass2={'set' if self.pass2 else None})"
+
+    def __reduce__(self) -> tuple:
+        return (Settings, (self._raw, self.pass2))
+
+    @staticmethod
+    def _defaults_raw() -> dict[str, Any]:
+        return {f.key: f.default for f in FIELDS}
+
+    @property
+    def raw(self) -> dict[str, Any]:
+        """Every key in reference JSON form (a copy)."""
+        return {k: list(v) if isinstance(v, list) else v for k, v in self._raw.items()}
+
+    @classmethod
+    def from_layers(cls, *layers: Mapping[str, Any]) -> Settings:
+        """Build settings from defaults, then each layer in order (later layers win).
+
+        Args:
+            *layers: mappings by exact key or attribute name; values raw (strings from textboxes are fine)
+                or typed. A ``"2nd pass"`` mapping holds pass-2 values layered on top of pass 1; ``None``
+                clears it.
+
+        Returns:
+            The settings.
+
+        Raises:
+            SettingsError: an unknown key or a value that cannot be coerced (nothing falls back).
+        """
+        raw: dict[str, Any] = {}
+        pass2_layers: list[Mapping[str, Any]] | None = None
+        for layer in layers:
+            for name, value in layer.items():
+                if name == PASS2_KEY:
+                    if value is not None and not isinstance(value, Mapping):
+                        raise SettingsError(PASS2_KEY, "expected a mapping of pass-2 values or None")
+                    pass2_layers = None if value is None else [*(pass2_layers or []), value]
+                else:
+                    raw[resolve_key(name)] = value
+        first = cls(raw)
+        if pass2_layers is None:
+            return first
+        return cls(first._raw, first._pass2_from(pass2_layers))
+
+    def _pass2_from(self, layers: Iterable[Mapping[str, Any]]) -> Settings:
+        raw = dict(self._raw)
+        for layer in layers:
+            for name, value in layer.items():
+                key = resolve_key(name)
+                if FIELD_BY_KEY[key].section != "job":
+                    raw[key] = value
+        try:
+            return Settings(raw)
+        except SettingsError as err:
+            raise SettingsError(f"{PASS2_KEY}.{err.key}", err.message) from err
+
+    def replace(self, **attrs: Any) -> Settings:
+        """Return a copy with some values changed (by attribute name; ``pass2=`` sets the pass-2 settings).
+
+        Raises:
+            SettingsError: unknown name or bad value.
+        """
+        pass2 = attrs.pop("pass2", self.pass2)
+        raw = dict(self._raw)
+        raw.update({resolve_key(k): v for k, v in attrs.items()})
+        if isinstance(pass2, Mapping):
+            return Settings(raw, Settings(raw)._pass2_from([pass2]))
+        return Settings(raw, pass2)
+
+    def for_pass(self, n: int) -> Settings:
+        """Settings for Difference pass ``n``.
+
+        Pass 2 takes the pass-2 values of the pass-2-overridable fields only, and only when
+        ``use_2nd_pass_settings`` is ticked in the pass-2 values; otherwise pass 1 is reused unchanged.
+        """
+        if n not in (1, 2):
+            raise ValueError(f"pass must be 1 or 2, got {n}")
+        if n == 1 or self.pass2 is None or not self.pass2.use_2nd_pass_settings:
+            return self
+        raw = dict(self._raw)
+        raw.update({f.key: self.pass2._raw[f.key] for f in FIELDS if f.pass2})
+        return Settings(raw)
+
+    def to_json_dict(self) -> dict[str, Any]:
+        """The reference export layout: settings keys in table order, ``2nd pass`` (Difference only), then
+        ``mode``, ``model``, ``vae``, ``original prompt``, ``target prompt``."""
+        raw = self.raw
+        out = {f.key: raw[f.key] for f in FIELDS if f.section != "job"}
+        if self.mode == "Difference":
+            raw2 = None if self.pass2 is None else self.pass2.raw
+            out[PASS2_KEY] = None if raw2 is None else {f.key: raw2[f.key] for f in FIELDS if f.section != "job"}
+        out.update({k: raw[k] for k in _JSON_JOB_KEYS})
+        return out
+
+    def to_json(self) -> str:
+        """:meth:`to_json_dict` as 4-space indented JSON text (as the reference writes it)."""
+        return json.dumps(self.to_json_dict(), indent=4, ensure_ascii=False) + "\n"
+
+    @classmethod
+    def from_json_dict(cls, d: Mapping[str, Any]) -> tuple[Settings, list[str]]:
+        """Load a preset or snapshot (ours or the reference product's, unchanged).
+
+        Missing keys take defaults; legacy keys are renamed or dropped and unknown keys ignored, one
+        warning each; optimizer names match case-insensitively; ``"2nd pass"`` nesting is read.
+
+        Returns:
+            The settings and the warnings.
+
+        Raises:
+            SettingsError: a value cannot be coerced.
+        """
+        if not isinstance(d, Mapping):
+            raise SettingsError("json", f"expected a JSON object of settings, got {type(d).__name__}")
+        warnings: list[str] = []
+        return cls.from_layers(_normalize_json(d, warnings)), warnings
+
+
+# ---------------------------------------------------------------- validation
+
+
+def _check(errors: list[SettingsError], ok: bool, key: str, message: str) -> None:
+    if not ok:
+        errors.append(SettingsError(key, message))
+
+
+def _check_choices(s: Settings, errors: list[SettingsError]) -> None:
+    for f in FIELDS:
+        if f.widget != "dropdown" or not f.choices or not isinstance(f.choices[0], str) or s.mode not in f.modes:
+            continue
+        value = s.raw[f.key]
+        if f.key == "train_optimizer" and value == SEPARATOR:
+            errors.append(SettingsError(f.key, "the separator line was chosen; choose a real optimizer, not the "
+                                               "separator line"))
+        elif value not in f.choices:
+            legal = ", ".join(c for c in f.choices if c != SEPARATOR)
+            errors.append(SettingsError(f.key, f"unknown {value!r}; choose one of {legal}"))
+
+
+def _check_numbers(s: Settings, errors: list[SettingsError]) -> None:
+    _check(errors, s.network_rank >= 1, "network_rank", f"{s.network_rank} is below 1; use e.g. 16")
+    _check(errors, s.network_alpha > 0, "network_alpha", f"{s.network_alpha} must be > 0; use e.g. half the rank")
+    _check(errors, s.network_conv_rank >= 0, "network_conv_rank", "must be >= 0; use 0 for 'same as rank'")
+    _check(errors, s.network_conv_alpha >= 0, "network_conv_alpha", "must be >= 0; use 0 for 'same as alpha'")
+    _check(errors, s.train_batch_size >= 1, "train_batch_size", f"{s.train_batch_size} is below 1; use e.g. 2")
+    _check(errors, s.train_iterations >= 1, "train_iterations", f"{s.train_iterations} is below 1; use e.g. 1000")
+    _check(errors, s.train_learning_rate > 0, "train_learning_rate",
+           f"{s.train_learning_rate} must be > 0; use e.g. 1e-4")
+    te_lr = s.train_textencoder_learning_rate
+    if s.mode == "LoRA" and te_lr is not None:
+        _check(errors, te_lr > 0, "train_textencoder_learning_rate", "must be > 0; leave empty for the U-Net rate")
+    lo, hi = s.train_min_timesteps, s.train_max_timesteps
+    _check(errors, 0 <= lo <= 1000, "train_min_timesteps", f"{lo} is outside 0..1000; use e.g. 0")
+    _check(errors, 0 <= hi <= 1000, "train_max_timesteps", f"{hi} is outside 0..1000; use e.g. 1000")
+    _check(errors, lo < hi, "train_min_timesteps", f"{lo} is not below train_max_timesteps {hi}; lower it")
+    _check(errors, s.save_per_steps >= 0, "save_per_steps", "must be >= 0; use 0 to save only at the end")
+    _check(errors, s.train_max_grad_norm >= 0, "train_max_grad_norm", "must be >= 0; use 0 to turn clipping off")
+    _check(errors, s.train_lr_warmup_steps >= 0, "train_lr_warmup_steps", "must be >= 0; use e.g. 0")
+
+
+def _check_images(s: Settings, errors: list[SettingsError]) -> None:
+    key = _SIZE_KEY
+    if s.mode in FIELD_BY_KEY[key].modes:
+        bad = [n for n in s.image_size if n <= 0 or n % 8]
+        _check(errors, not bad, key, f"{bad[0] if bad else ''} is not a positive multiple of 8; use e.g. 512 or 768,512")
+    if s.mode in ("LoRA", "Multi-ADDifT"):
+        step, small, large = s.image_buckets_step, min(s.image_size), max(s.image_size)
+        _check(errors, 0 < step <= small, "image_buckets_step",
+               f"{step} must be > 0 and <= the smaller image side {small}; use e.g. 64")
+        _check(errors, 0 < s.image_min_length <= large, "image_min_length",
+               f"{s.image_min_length} must be > 0 and <= the larger image side {large}; lower it")
+        _check(errors, s.image_max_ratio >= 1, "image_max_ratio", f"{s.image_max_ratio} is below 1; use e.g. 2")
+        _check(errors, s.image_num_multiply >= 1, "image_num_multiply", "is below 1; use e.g. 1")
+        _check(errors, s.sub_image_num >= 0, "sub_image_num", "must be >= 0; use 0 for none")
+
+
+def _check_inputs(s: Settings, errors: list[SettingsError]) -> None:
+    try:
+        safe_name(s.save_lora_name, "save_lora_name")
+    except SettingsError as err:
+        errors.append(err)
+    if s.mode in ("LoRA", "Multi-ADDifT"):
+        _check(errors, bool(s.lora_data_directory.strip()), "lora_data_directory",
+               f"is empty; {s.mode} trains on a folder of images: give its path")
+    if s.mode == "Multi-ADDifT":
+        _check(errors, bool(s.diff_target_name.strip()), "diff_target_name",
+               "is empty; give the suffix that names target images, e.g. _after")
+    if s.mode == "iLECO":
+        _check(errors, bool(s.original_prompt.strip()), "original prompt",
+               "is empty; iLECO needs the concept to change, e.g. 'red hair'")
+    if s.mode in ("Difference", "ADDifT"):
+        for key in ("original image", "target image"):
+            _check(errors, bool(s.raw[key].strip()), key, f"is missing; {s.mode} needs an original and a target image")
+    _check(errors, bool(s.network_blocks), _BLOCKS_KEY, "no block selected; tick at least one block")
+
+
+def validate(s: Settings) -> list[SettingsError]:
+    """Check everything relevant to ``s.mode`` before any model is touched; report all problems at once.
+
+    Args:
+        s: the settings of one job (Difference pass 2 is checked too when its settings are in use).
+
+    Returns:
+        One :class:`SettingsError` per problem (empty when the settings are usable). Messages read
+        ``<key>: <problem>; <fix>``.
+    """
+    errors: list[SettingsError] = []
+    _check_choices(s, errors)
+    _check_numbers(s, errors)
+    _check_images(s, errors)
+    _check_inputs(s, errors)
+    if s.mode == "Difference" and s.for_pass(2) is not s:
+        seen = {str(e) for e in errors}
+        for err in validate(s.for_pass(2)):
+            if str(err) not in seen:
+                errors.append(SettingsError(f"{PASS2_KEY}.{err.key}", err.message))
+    return errors
+
+
+# ---------------------------------------------------------------- table helpers
+
+
+def fields_for(mode: str | None, section: str | None = None) -> tuple[Field, ...]:
+    """Fields that apply to ``mode`` (any mode when None), optionally of one section, in table order.
+
+    Raises:
+        SettingsError: unknown mode or section.
+    """
+    if mode is not None and mode not in MODES:
+        raise SettingsError("mode", f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+    if section is not None and section not in SECTIONS:
+        raise SettingsError("section", f"unknown section {section!r}; choose one of {', '.join(SECTIONS)}")
+    return tuple(f for f in FIELDS if (mode is None or mode in f.modes) and (section is None or f.section == section))
+
+
+def _md(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def settings_markdown() -> str:
+    """The README's settings table (key, default, choices, modes, help), generated from :data:`FIELDS`."""
+    rows = ["| key | default | choices | modes | help |", "|---|---|---|---|---|"]
+    for f in FIELDS:
+        choices = ", ".join(str(c) for c in f.choices if c != SEPARATOR)
+        if f.key == _BLOCKS_KEY:
+            choices, default = "BASE, IN00-IN11, M00, OUT00-OUT11", "all"
+        else:
+            default = json.dumps(f.default)
+        modes = "all" if f.modes == _ALL else ", ".join(m for m in MODES if m in f.modes)
+        modes += " (+pass 2)" if f.pass2 and f.section != "pass2" else ""
+        rows.append(f"| `{_md(f.key)}` | {_md(default)} | {_md(choices)} | {modes} | {_md(f.help)} |")
+    return "\n".join(rows) + "\n"
+
+
+def parse_set_args(items: list[str]) -> dict[str, Any]:
+    """Parse CLI ``--set KEY=VALUE`` items into a layer for :meth:`Settings.from_layers`.
+
+    Args:
+        items: e.g. ``["network_rank=8", "image_size(height, width)=768,512", "2nd pass.train_iterations=200"]``.
+            Keys are exact reference keys or attribute names; a ``2nd pass.`` (or ``pass2.``) prefix sets a
+            Difference pass-2 value. Values stay text and are coerced by ``from_layers``.
+
+    Returns:
+        A mapping by exact key (pass-2 values under ``"2nd pass"``).
+
+    Raises:
+        SettingsError: an item without ``=`` or an unknown key (close matches listed).
+    """
+    layer: dict[str, Any] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        name = name.strip()
+        if not sep or not name:
+            raise SettingsError(name or item, f"'{item}' is not KEY=VALUE; write e.g. --set network_rank=8")
+        for prefix in (PASS2_KEY + ".", "pass2."):
+            if name.startswith(prefix):
+                layer.setdefault(PASS2_KEY, {})[resolve_key(name[len(prefix):].strip())] = value
+                break
+        else:
+            layer[resolve_key(name)] = value
+    return layer
