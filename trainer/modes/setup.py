@@ -72,6 +72,7 @@ class RunContext:
     noise: NoiseSchedule
     started_at: float = field(default_factory=time.time)
     notes: list[str] = field(default_factory=list)
+    files: list[tuple[Path, dict[str, Any] | None]] = field(default_factory=list)  # written by earlier passes
 
     @staticmethod
     def create(settings, bundle, events: Events, stop, out: OutputPlan, seed: int) -> RunContext:
@@ -269,7 +270,7 @@ def finish(ctx: RunContext, s, network, result: PassResult, written: list[Path],
            effect_probe: Callable[[], float] | None = None) -> ModeOutcome:
     """Final save (when the pass completed) with the effect check; collects every file written."""
     extra = dict(extra or {})
-    saved: list[tuple[Path, dict[str, Any] | None]] = [(p, None) for p in written]
+    saved = list(ctx.files) + [(p, None) for p in written]
     effect = None
     final = Path(result.last_save) if result.last_save else None
     if result.status == "done":

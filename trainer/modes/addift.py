@@ -1,0 +1,99 @@
+"""ADDifT: train the difference between an Original and a Target image directly, with no copier.
+
+Both branches share one noise draw and one timestep. On forward steps the LoRA at +0.25, applied to
+the Target's noisy latent, must reproduce the frozen model's prediction on the Original's noisy latent;
+on reverse steps the LoRA at −0.25·|diff_alt_ratio| applied to the Original must reproduce the frozen
+prediction on the Target. The LoRA so learns a signed direction: at +1 it moves the model's denoised
+estimate by about four times the trained Original→Target shift, at −1 the other way. A negative
+``diff_alt_ratio`` turns reverse steps into a regulariser on pure noise. Timesteps follow a
+deterministic schedule over the odd deciles of [min, max), each used for a forward and a reverse step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from trainer.effect import measure_effect
+from trainer.modes.common import check_timestep_range
+from trainer.modes.inputs import encode_prompt_pair, load_image_pair
+from trainer.modes.setup import ModeOutcome, RunContext, build_adapters, finish, run_pass
+
+TRAIN_MULTIPLIER = 0.25
+
+
+def planned_suffixes(s) -> list[str]:
+    from trainer.modes.lora import planned_suffixes as lora_suffixes
+
+    return lora_suffixes(s)
+
+
+def decile_timestep(step: int, lo: int, hi: int) -> int:
+    """The deterministic schedule: steps 2k and 2k+1 use lo + span·(2·(k mod 5) + 1), span = (hi − lo)/10.
+
+    min 500, max 1000 → 550, 550, 650, 650, 750, 750, 850, 850, 950, 950, 550, …
+    """
+    span = (hi - lo) / 10
+    even = step - step % 2
+    return min(int(lo + span * ((even % 10) + 1)), 999)
+
+
+def addift_loss(ctx: RunContext, s, network, draw: Callable[[int], tuple]) -> Callable[[int], torch.Tensor]:
+    """The shared ADDifT step. ``draw(step)`` returns (x_orig, x_targ, c_orig, c_targ, mask | None)."""
+    bundle, loss_fn, gen = ctx.bundle, ctx.loss_fn(s), ctx.generator(1)
+    lo, hi = int(s.train_min_timesteps), int(s.train_max_timesteps)
+    check_timestep_range(lo, hi)
+    ratio, revert = float(s.diff_alt_ratio), bool(s.diff_revert_original_target)
+    use_mask = bool(s.diff_use_diff_mask)
+
+    def loss_step(step: int) -> torch.Tensor:
+        x_o, x_t, c_o, c_t, mask = draw(step)
+        if revert:
+            x_o, x_t, c_o, c_t = x_t, x_o, c_t, c_o
+        forward = step % 2 == 0
+        t = torch.full((x_o.shape[0],), decile_timestep(step, lo, hi), device=x_o.device, dtype=torch.long)
+        eps = torch.randn(x_o.shape, generator=gen, device=gen.device).to(x_o.device)
+        if ratio < 0 and not forward:
+            x_o = x_t = eps  # regulariser: on pure noise the negative LoRA must change nothing
+        a_in = ctx.noise.add_noise(x_o if forward else x_t, eps, t)
+        b_in = ctx.noise.add_noise(x_t if forward else x_o, eps, t)
+        with torch.no_grad(), network.scaled(0.0):
+            reference = bundle.predict(a_in, t, c_o)
+        multiplier = TRAIN_MULTIPLIER if forward else -TRAIN_MULTIPLIER * abs(ratio)
+        with network.scaled(multiplier):
+            pred = bundle.predict(b_in, t, c_t)
+        return loss_fn(pred, reference, t, mask if use_mask else None)
+
+    return loss_step
+
+
+def run(ctx: RunContext) -> ModeOutcome:
+    s, bundle = ctx.settings, ctx.bundle
+    batch = int(s.train_batch_size)
+    pair = load_image_pair(ctx, s)
+    c_o, c_t = encode_prompt_pair(bundle, s.original_prompt, s.target_prompt)
+    bundle.offload("vae")
+    bundle.offload("text_encoders")
+    bundle.set_gradient_checkpointing(bool(s.use_gradient_checkpointing))
+    network = build_adapters(ctx, s, resume=s.diff_load_1st_pass or s.network_resume)
+    x_o = pair.original.expand(batch, *pair.original.shape[1:])
+    x_t = pair.target.expand(batch, *pair.target.shape[1:])
+    c_o, c_t, mask = c_o.repeat(batch), c_t.repeat(batch), pair.diff_mask.expand(batch, -1, -1, -1)
+    loss_step = addift_loss(ctx, s, network, lambda step: (x_o, x_t, c_o, c_t, mask))
+
+    def probe() -> float:
+        return measure_effect(bundle, network, c_t, latent_hw=tuple(pair.original.shape[-2:]), autocast=ctx.precision.autocast())
+
+    extra = {"traintrain_original_image": Path(s.original_image).name, "traintrain_target_image": Path(s.target_image).name,
+             "traintrain_original_prompt": s.original_prompt, "traintrain_target_prompt": s.target_prompt,
+             "traintrain_timesteps": f"{s.train_min_timesteps},{s.train_max_timesteps}",
+             "traintrain_revert": str(bool(s.diff_revert_original_target))}
+    sidecar = {"activation_text": s.lora_trigger_word, "preferred_weight": 1.0, "sd_version": bundle.family.name}
+    try:
+        result, written = run_pass(ctx, s, network, loss_step, summary={"pair": "x".join(map(str, pair.size_hw))}, extra=extra)
+        return finish(ctx, s, network, result, written, extra=extra, sidecar=sidecar, effect_probe=probe)
+    finally:
+        network.detach()
+        bundle.set_gradient_checkpointing(False)

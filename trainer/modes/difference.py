@@ -1,0 +1,123 @@
+"""Difference (copy-machine): a copier LoRA learns the Original image, then a second LoRA learns the Target
+on top of it, so the second LoRA holds only what differs.
+
+Pass 1 trains the copier with the denoising objective on the Original's latent (or loads a saved
+copier from ``diff_load_1st_pass``). Pass 2 keeps the copier attached at multiplier 1, frozen, and
+trains a new LoRA on the Target's latent with the same prompt. Only the pass-2 LoRA is the result.
+Both passes are conditioned on the Original prompt (an explicit setting; empty = unconditional).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from trainer.effect import measure_effect
+from trainer.errors import InputError
+from trainer.modes.common import check_timestep_range, sample_timesteps, save_steps
+from trainer.modes.inputs import encode_prompt_pair, load_image_pair
+from trainer.modes.setup import ModeOutcome, RunContext, build_adapters, finish, run_pass, save_network
+
+
+def planned_suffixes(s) -> list[str]:
+    total, every = int(s.train_iterations), int(s.save_per_steps)
+    suffixes = [""] + [f"_{k}steps" for k in sorted(save_steps(total, every))]
+    if (s.diff_save_1st_pass or s.diff_1st_pass_only) and not s.diff_load_1st_pass:
+        suffixes.append("_copy")
+    return suffixes
+
+
+def resolve_copier(ctx: RunContext, value: str) -> Path:
+    """A path, or a LoRA file name (``.safetensors`` optional) inside the output folder.
+
+    Raises:
+        InputError: no such file.
+    """
+    path = Path(value)
+    if path.is_file():
+        return path
+    name = value if value.endswith(".safetensors") else f"{value}.safetensors"
+    matches = sorted(ctx.out.lora_dir.rglob(Path(name).name))
+    if not matches:
+        raise InputError("diff_load_1st_pass", f"'{value}' was not found in {ctx.out.lora_dir}; give the copier's file path")
+    return matches[0]
+
+
+def denoise_loss(ctx: RunContext, s, latent: torch.Tensor, cond, gen: torch.Generator):
+    """A loss_step that trains the denoising objective on one latent repeated over the batch."""
+    bundle, loss_fn = ctx.bundle, ctx.loss_fn(s)
+    batch = int(s.train_batch_size)
+    lo, hi, fixed = int(s.train_min_timesteps), int(s.train_max_timesteps), bool(s.train_fixed_timsteps_in_batch)
+    check_timestep_range(lo, hi)
+    x0, cond = latent.expand(batch, *latent.shape[1:]), cond.repeat(batch)
+
+    def loss_step(step: int) -> torch.Tensor:
+        eps = torch.randn(x0.shape, generator=gen, device=gen.device).to(x0.device)
+        t = sample_timesteps(batch, lo, hi, fixed_in_batch=fixed, generator=gen, device=x0.device)
+        pred = bundle.predict(ctx.noise.add_noise(x0, eps, t), t, cond)
+        return loss_fn(pred, ctx.noise.v_target(x0, eps, t) if bundle.v_pred else eps, t)
+
+    return loss_step
+
+
+def run(ctx: RunContext) -> ModeOutcome:
+    s, bundle = ctx.settings, ctx.bundle
+    pair = load_image_pair(ctx, s)
+    cond, _ = encode_prompt_pair(bundle, s.original_prompt, s.target_prompt)
+    bundle.offload("vae")
+    bundle.offload("text_encoders")  # conditioning is precomputed: only U-Net adapters train here
+    bundle.set_gradient_checkpointing(bool(s.use_gradient_checkpointing))
+    extra = {"traintrain_original_image": Path(s.original_image).name, "traintrain_target_image": Path(s.target_image).name,
+             "traintrain_original_prompt": s.original_prompt, "traintrain_image_size": "x".join(map(str, pair.size_hw))}
+    networks = []
+    try:
+        copier, outcome = _copier(ctx, s, pair, cond, extra)
+        networks.append(copier)
+        if outcome is not None:
+            return outcome
+        s2 = s.for_pass(2)
+        with copier.frozen():  # the copier stays attached at multiplier 1 and receives no gradient
+            copier.set_multiplier(1.0)
+            diff = build_adapters(ctx, s2, seed_offset=1)
+            networks.append(diff)
+            gen = ctx.generator(2)  # pass 2 draws its own noise stream from the job seed
+            result, written = run_pass(ctx, s2, diff, denoise_loss(ctx, s2, pair.target, cond, gen), pass_index=2,
+                                       summary={"pass": "difference"}, extra=extra)
+
+            def probe() -> float:
+                return measure_effect(bundle, diff, cond, latent_hw=tuple(pair.target.shape[-2:]),
+                                      autocast=ctx.precision.autocast())
+
+            sidecar = {"activation_text": "", "preferred_weight": 1.0, "sd_version": bundle.family.name}
+            return finish(ctx, s2, diff, result, written, extra=extra, sidecar=sidecar, effect_probe=probe)
+    finally:
+        for network in reversed(networks):
+            network.detach()
+        bundle.set_gradient_checkpointing(False)
+
+
+def _copier(ctx: RunContext, s, pair, cond, extra):
+    """Pass 1: load or train the copier. Returns (copier, outcome-if-the-job-ends-here)."""
+    if s.diff_load_1st_pass:
+        from trainer.network import network_from_file
+
+        path = resolve_copier(ctx, s.diff_load_1st_pass)
+        copier = network_from_file(ctx.bundle, path)
+        copier.attach()
+        ctx.events.info(f"copier loaded from {path}: {copier.summary()}; pass 1 skipped")
+        return copier, None
+    copier = build_adapters(ctx, s)
+    result, written = run_pass(ctx, s, copier, denoise_loss(ctx, s, pair.original, cond, ctx.generator(1)),
+                               suffix="_copy", csv_suffix="_copy", summary={"pass": "copier"}, extra=extra)
+    ctx.files.extend((p, None) for p in written)
+    if result.status != "done":
+        return copier, ModeOutcome(result.status, Path(result.last_save) if result.last_save else None, result.steps,
+                                   result.final_loss, list(ctx.files), None, list(ctx.notes))
+    copy_path = None
+    if s.diff_save_1st_pass or s.diff_1st_pass_only:
+        copy_path = save_network(ctx, s, copier, ctx.out.path("_copy"), steps=result.steps, extra=extra)
+        ctx.files.append((copy_path, None))
+    if s.diff_1st_pass_only:
+        return copier, ModeOutcome("done", copy_path, result.steps, result.final_loss, list(ctx.files), None, list(ctx.notes))
+    return copier, None

@@ -1,0 +1,71 @@
+"""iLECO (instant LECO): make the model answer the Original prompt as the base model answers the Target.
+
+Each step draws timesteps and compares, on one fixed noise latent, the adapted U-Net's prediction
+for the Original prompt with the un-adapted U-Net's prediction (adapters at multiplier 0, no
+gradients) for the Target prompt. An empty Target erases the concept; the Negative prompt is stored
+but not trained on. No images are needed.
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from trainer.effect import measure_effect
+from trainer.modes.common import check_timestep_range, sample_timesteps
+from trainer.modes.inputs import encode_prompt_pair
+from trainer.modes.setup import ModeOutcome, RunContext, build_adapters, finish, run_pass, train_text_encoder
+
+
+def planned_suffixes(s) -> list[str]:
+    from trainer.modes.lora import planned_suffixes as lora_suffixes
+
+    return lora_suffixes(s)
+
+
+def run(ctx: RunContext) -> ModeOutcome:
+    s, bundle = ctx.settings, ctx.bundle
+    lo, hi = int(s.train_min_timesteps), int(s.train_max_timesteps)
+    check_timestep_range(lo, hi)
+    batch = int(s.train_batch_size)
+    height, width = s.image_size  # (height, width) in that order: portrait latents are possible (§17 #11)
+    factor = bundle.vae_scale_factor
+    bundle.offload("vae")
+    train_te = train_text_encoder(s)
+    network = build_adapters(ctx, s)  # before encoding: the base target is always taken at multiplier 0
+    with network.scaled(0.0):
+        original, target = encode_prompt_pair(bundle, s.original_prompt, s.target_prompt)
+    target = target.repeat(batch)
+    fixed_original = None if train_te else original.repeat(batch)
+    if not train_te:
+        bundle.offload("text_encoders")
+    bundle.set_gradient_checkpointing(bool(s.use_gradient_checkpointing))
+    gen, loss_fn = ctx.generator(1), ctx.loss_fn(s)
+    # one noise latent for the whole run, as the reference does: the LoRA learns the prompt swap on
+    # pure-noise inputs at every timestep, which is fast and needs no denoising loop
+    channels = getattr(bundle, "latent_channels", 4)
+    z = torch.randn((batch, channels, height // factor, width // factor), generator=gen, device=gen.device).to(bundle.device)
+
+    def loss_step(step: int) -> torch.Tensor:
+        t = sample_timesteps(batch, lo, hi, fixed_in_batch=False, generator=gen, device=z.device)
+        with torch.no_grad(), network.scaled(0.0):
+            goal = bundle.predict(z, t, target)
+        cond = bundle.encode_prompts([s.original_prompt] * batch) if train_te else fixed_original
+        return loss_fn(bundle.predict(z, t, cond), goal, t)
+
+    def probe() -> float:
+        return measure_effect(bundle, network, original, latent_hw=tuple(z.shape[-2:]), autocast=ctx.precision.autocast())
+
+    extra = {
+        "traintrain_original_prompt": s.original_prompt, "traintrain_target_prompt": s.target_prompt,
+        "traintrain_negative_prompt": s.negative_prompt, "traintrain_timesteps": f"{lo},{hi}",
+        "ss_tag_frequency": json.dumps({"1": {p: 1 for p in (s.original_prompt, s.target_prompt) if p}}),
+    }
+    sidecar = {"activation_text": s.original_prompt, "preferred_weight": 1.0, "sd_version": bundle.family.name}
+    try:
+        result, written = run_pass(ctx, s, network, loss_step, summary={"latent": f"{height}x{width}"}, extra=extra)
+        return finish(ctx, s, network, result, written, extra=extra, sidecar=sidecar, effect_probe=probe)
+    finally:
+        network.detach()
+        bundle.set_gradient_checkpointing(False)

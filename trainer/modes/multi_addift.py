@@ -1,0 +1,76 @@
+"""Multi-ADDifT: the ADDifT difference objective over many Original/Target pairs from one folder.
+
+Pairs are found by ``diff_target_name`` (``photo.png`` ↔ ``photo_after.jpg``), bucketed like LoRA
+mode with both members framed identically, and each pair is conditioned on its own captions (with the
+trigger word). Runs exactly ``train_iterations`` steps, not to the end of an epoch.
+"""
+
+from __future__ import annotations
+
+import json
+
+from trainer.data import BucketBatcher, plan_pairs, scan_images
+from trainer.effect import measure_effect
+from trainer.modes.addift import addift_loss
+from trainer.modes.setup import (
+    CaptionConds,
+    ModeOutcome,
+    RunContext,
+    build_adapters,
+    encode_dataset_images,
+    finish,
+    run_pass,
+)
+
+
+def planned_suffixes(s) -> list[str]:
+    from trainer.modes.lora import planned_suffixes as lora_suffixes
+
+    return lora_suffixes(s)
+
+
+def run(ctx: RunContext) -> ModeOutcome:
+    s, bundle = ctx.settings, ctx.bundle
+    scan = scan_images(s.lora_data_directory)
+    plan = plan_pairs(
+        scan.images, diff_target_name=s.diff_target_name, size_hw=tuple(s.image_size),
+        bucket_step=int(s.image_buckets_step), min_length=int(s.image_min_length), max_ratio=float(s.image_max_ratio),
+        sub_image_num=int(s.sub_image_num), mirroring=bool(s.image_mirroring), disable_upscale=bool(s.image_disable_upscale),
+        num_multiply=int(s.image_num_multiply), trigger=s.lora_trigger_word, use_filename_as_tag=bool(s.image_use_filename_as_tag),
+    )
+    data = encode_dataset_images(ctx, plan, pairs=True)
+    batcher = BucketBatcher(data, int(s.train_batch_size), ctx.seed)
+    bundle.offload("vae")
+    captions = [c for b in data.buckets for c in (*b.orig_captions, *b.targ_captions)]
+    conds = CaptionConds(bundle, captions)  # per-pair captions really condition training (§17 #4)
+    bundle.offload("text_encoders")
+    bundle.set_gradient_checkpointing(bool(s.use_gradient_checkpointing))
+    network = build_adapters(ctx, s, resume=s.diff_load_1st_pass or s.network_resume)
+
+    def draw(step: int):
+        ref = next(batcher)
+        batch = data.gather(ref.bucket_index, list(ref.indices))
+        return (batch.orig_latents, batch.targ_latents, conds.lookup(batch.orig_captions),
+                conds.lookup(batch.targ_captions), batch.masks)
+
+    def probe() -> float:
+        first = data.buckets[0]
+        return measure_effect(bundle, network, conds.lookup(first.targ_captions[:1]),
+                              latent_hw=tuple(first.orig_latents.shape[-2:]), autocast=ctx.precision.autocast())
+
+    counts = {f"{w}x{h}": n for (w, h), n in data.counts().items()}
+    tags: dict[str, int] = {}
+    for caption in captions:
+        for tag in filter(None, (t.strip() for t in caption.split(","))):
+            tags[tag] = tags.get(tag, 0) + 1
+    extra = {"traintrain_data": str(s.lora_data_directory), "traintrain_diff_target_name": s.diff_target_name,
+             "traintrain_pairs": str(len(plan.pairs)), "ss_tag_frequency": json.dumps({"1": tags}),
+             "traintrain_timesteps": f"{s.train_min_timesteps},{s.train_max_timesteps}"}
+    sidecar = {"activation_text": s.lora_trigger_word, "preferred_weight": 1.0, "sd_version": bundle.family.name}
+    try:
+        result, written = run_pass(ctx, s, network, addift_loss(ctx, s, network, draw), epoch=lambda: batcher.epoch,
+                                   summary={"pairs": len(plan.pairs), "buckets": counts}, extra=extra)
+        return finish(ctx, s, network, result, written, extra=extra, sidecar=sidecar, effect_probe=probe)
+    finally:
+        network.detach()
+        bundle.set_gradient_checkpointing(False)
