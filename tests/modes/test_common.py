@@ -1,0 +1,156 @@
+"""The shared machinery: noise schedule, losses, min-SNR, precision, and the exact-step loop."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from trainer.errors import SettingsError, StopTraining
+from trainer.modes.common import (
+    DenoiseLoss,
+    NoiseSchedule,
+    PassResult,
+    resolve_precision,
+    sample_timesteps,
+    save_steps,
+    train_pass,
+)
+from trainer.progress import Events, HistorySink
+
+
+def sd_schedule() -> NoiseSchedule:
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
+    return NoiseSchedule(torch.cumprod(1 - betas, 0).float())
+
+
+def test_add_noise_and_v_target_match_the_closed_form():
+    sched = sd_schedule()
+    x0, eps = torch.randn(3, 4, 2, 2), torch.randn(3, 4, 2, 2)
+    t = torch.tensor([0, 500, 999])
+    a = sched.alphas_cumprod[t].view(-1, 1, 1, 1)
+    assert torch.allclose(sched.add_noise(x0, eps, t), a.sqrt() * x0 + (1 - a).sqrt() * eps)
+    assert torch.allclose(sched.v_target(x0, eps, t), a.sqrt() * eps - (1 - a).sqrt() * x0)
+
+
+def test_timesteps_stay_in_half_open_range_and_fixed_shares_one():
+    gen = torch.Generator().manual_seed(0)
+    t = sample_timesteps(4000, 200, 210, fixed_in_batch=False, generator=gen, device=torch.device("cpu"))
+    assert int(t.min()) == 200 and int(t.max()) == 209
+    shared = sample_timesteps(8, 0, 1000, fixed_in_batch=True, generator=gen, device=torch.device("cpu"))
+    assert len(set(shared.tolist())) == 1
+
+
+def test_min_snr_weights_eps_and_v():
+    sched = sd_schedule()
+    t = torch.tensor([10, 500, 990])
+    snr = sched.snr[t]
+    eps_w = DenoiseLoss("MSE", 5.0, False, sched).weights(t)
+    v_w = DenoiseLoss("MSE", 5.0, True, sched).weights(t)
+    assert torch.allclose(eps_w, torch.minimum(5.0 / snr, torch.ones_like(snr)))
+    assert torch.allclose(v_w, torch.minimum(snr, torch.full_like(snr, 5.0)) / (snr + 1))
+    assert float(eps_w[0]) < 1.0 and float(eps_w[2]) == 1.0  # low-noise steps are down-weighted
+
+
+@pytest.mark.parametrize("name,expected", [("MSE", 1.0), ("L1", 1.0), ("Smooth-L1", 0.5)])
+def test_losses(name, expected):
+    loss = DenoiseLoss(name, 0.0, False, sd_schedule())
+    pred, target = torch.ones(2, 4, 2, 2), torch.zeros(2, 4, 2, 2)
+    assert float(loss(pred, target, torch.tensor([1, 2]))) == pytest.approx(expected)
+
+
+def test_masked_loss_averages_over_the_mask_only():
+    loss = DenoiseLoss("MSE", 0.0, False, sd_schedule())
+    pred, target = torch.zeros(1, 4, 2, 2), torch.zeros(1, 4, 2, 2)
+    pred[..., 0, 0] = 2.0  # error only where the mask is on
+    mask = torch.zeros(1, 1, 2, 2)
+    mask[..., 0, 0] = 1
+    assert float(loss(pred, target, torch.tensor([3]), mask)) == pytest.approx(4.0)
+
+
+def test_unknown_loss_names_the_field():
+    with pytest.raises(SettingsError, match="train_loss_function"):
+        DenoiseLoss("Huber2", 0, False, sd_schedule())
+
+
+def test_precision_rules_on_cpu():
+    p = resolve_precision("fp16", "fp32", torch.device("cpu"))
+    assert p.model_dtype == torch.float32 and p.notes  # fp16 is a GPU precision: said, not silent
+    assert resolve_precision("bf16", "fp32", torch.device("cpu")).autocast_dtype == torch.bfloat16
+    assert resolve_precision("fp32", "fp32", torch.device("cpu")).autocast_dtype is None
+    with pytest.raises(SettingsError, match="train_lora_precision"):
+        resolve_precision("fp32", "fp16", torch.device("cpu"))
+    with pytest.raises(SettingsError, match="train_model_precision"):
+        resolve_precision("fp8e5", "fp32", torch.device("cpu"))
+
+
+class _Sched:
+    def __init__(self, opt):
+        self.opt = opt
+        self.calls = 0
+
+    def step(self, loss):
+        self.calls += 1
+
+    def lrs(self):
+        return {"unet": self.opt.param_groups[0]["lr"]}
+
+
+class _Opt:
+    def __init__(self, params):
+        self.optimizer = torch.optim.SGD(params, lr=0.1)
+
+
+def _loop(total, *, loss_value=None, stop_at=None, save_every=0, request="stop"):
+    w = torch.nn.Parameter(torch.tensor([3.0]))
+    opt = _Opt([w])
+    sched = _Sched(opt.optimizer)
+    history = HistorySink()
+    saved, calls = [], []
+
+    def loss_step(i):
+        calls.append(i)
+        if loss_value is not None and i >= 2:
+            return w.sum() * loss_value
+        return (w**2).sum()
+
+    def stop():
+        return request if stop_at is not None and len(calls) >= stop_at else None
+
+    def save(step):
+        saved.append(step)
+        return f"file_{step}"
+
+    result = train_pass(loss_step, total_steps=total, optimizer=opt, schedule=sched,
+                        precision=resolve_precision("fp32", "fp32", torch.device("cpu")), events=Events([history]),
+                        stop=stop, save=save, save_every=save_every)
+    return result, calls, saved, sched, history, w
+
+
+def test_loop_runs_exactly_n_steps_and_reports_each():
+    result, calls, saved, sched, history, w = _loop(7)
+    assert result == PassResult(7, result.final_loss, "done", None)
+    assert calls == list(range(7)) and sched.calls == 7
+    assert [int(r["step"]) for r in history.rows] == list(range(1, 8))
+    assert history.latest.total == 7 and history.latest.eta_s == 0
+    assert float(w) < 3.0  # the optimizer really stepped
+
+
+def test_periodic_saves_exclude_the_last_step():
+    assert save_steps(10, 3) == {3, 6, 9}
+    assert save_steps(9, 3) == {3, 6}
+    _, _, saved, *_ = _loop(10, save_every=3)
+    assert saved == [3, 6, 9]
+
+
+def test_stop_and_stop_and_save():
+    result, calls, saved, *_ = _loop(10, stop_at=4)
+    assert result.status == "stopped" and result.steps == 4 and saved == []
+    result, calls, saved, *_ = _loop(10, stop_at=4, request="save")
+    assert result.status == "saved_stop" and saved == [4] and result.last_save == "file_4"
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_save():
+    with pytest.raises(StopTraining, match="loss became nan at step 3.*file_2"):
+        _loop(10, loss_value=math.nan, save_every=2)
