@@ -1,0 +1,78 @@
+"""Find the training images under a folder: recursive, case-insensitive, dotfiles skipped, sorted."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import InputError
+
+# Compared with the dot and case-insensitively: the reference's dot-less, case-sensitive test skipped
+# "photo.JPG" and accepted "notapng" (§17 #23).
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".tif", ".tiff", ".bmp", ".webp", ".pcx", ".ico")
+CAPTION_EXTENSIONS = (".txt", ".caption")
+
+
+@dataclass(frozen=True)
+class ScanResult:
+    """What a folder scan found.
+
+    Attributes:
+        images: image files, sorted by their path relative to the root.
+        skipped: ``(path, reason)`` for hidden entries and files that are not images (captions excluded).
+    """
+
+    images: list[Path]
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+
+
+def is_image_path(path: str | os.PathLike[str]) -> bool:
+    """True when the file name ends with a known image extension (any case)."""
+    return Path(path).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def scan_images(root: str | os.PathLike[str], *, key: str = "lora_data_directory") -> ScanResult:
+    """List the images under ``root``, recursively, in a deterministic order.
+
+    Args:
+        root: the dataset folder.
+        key: the settings key to name in errors (the folder field of the calling mode).
+
+    Returns:
+        A :class:`ScanResult`.
+
+    Raises:
+        InputError: if ``root`` is missing, is not a folder, or holds no image.
+    """
+    root_path = Path(root)
+    if not root_path.exists():
+        raise InputError(str(root_path), f"{key}: the folder does not exist; check the path")
+    if not root_path.is_dir():
+        raise InputError(str(root_path), f"{key}: this is a file, not a folder; give the folder holding the images")
+    images: list[Path] = []
+    skipped: list[tuple[Path, str]] = []
+    for dirpath, dirnames, filenames in os.walk(root_path):
+        here = Path(dirpath)
+        for name in [d for d in dirnames if d.startswith(".")]:
+            skipped.append((here / name, "hidden folder"))
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))  # prune in place: os.walk reads it
+        for name in filenames:
+            _classify(here / name, images, skipped)
+    if not images:
+        raise InputError(
+            str(root_path),
+            f"{key}: no images found; add files ending in {', '.join(IMAGE_EXTENSIONS)} (any case)",
+        )
+    rel = lambda p: p.relative_to(root_path).as_posix()  # noqa: E731 - sort key used twice
+    return ScanResult(sorted(images, key=rel), sorted(skipped, key=lambda s: rel(s[0])))
+
+
+def _classify(path: Path, images: list[Path], skipped: list[tuple[Path, str]]) -> None:
+    """Append ``path`` to images or skipped; caption files are expected and not reported."""
+    if path.name.startswith("."):
+        skipped.append((path, "hidden file"))
+    elif is_image_path(path):
+        images.append(path)
+    elif path.suffix.lower() not in CAPTION_EXTENSIONS:
+        skipped.append((path, "not an image extension"))
