@@ -1,0 +1,41 @@
+"""Fake ``modules.sd_models``: a checkpoint list whose entries build fake models on demand."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from modules import shared
+
+
+@dataclass
+class CheckpointInfo:
+    title: str
+    filename: str
+    name: str = ""
+    factory: Callable[[], object] | None = field(default=None, repr=False)
+
+
+checkpoints_list: dict[str, CheckpointInfo] = {}
+loads: list[str] = []
+
+
+def checkpoint_tiles(use_short: bool = False) -> list[str]:
+    return list(checkpoints_list)
+
+
+def get_closet_checkpoint_match(search: str) -> CheckpointInfo | None:
+    if search in checkpoints_list:
+        return checkpoints_list[search]
+    hits = [info for title, info in checkpoints_list.items() if search in title]
+    return hits[0] if hits else None
+
+
+def reload_model_weights(sd_model=None, info: CheckpointInfo | None = None, forced_reload: bool = False):
+    """Build (or reuse) the model of ``info`` and make it the loaded one."""
+    loads.append(info.title)
+    model = info.factory()
+    model.sd_checkpoint_info = info
+    shared.sd_model = model
+    shared.opts.sd_model_checkpoint = info.title
+    return model

@@ -1,0 +1,315 @@
+"""The A1111 / Forge Web-UI host: its model lists, its LoRA folder, and in-place training of its loaded
+model under its generation lock, with everything put back afterwards.
+
+The traps handled here were measured inside A1111 1.10.1 (``shared/reference/webui-inplace.md``):
+the U-Net's parameters default to ``requires_grad=True``, a built-in Lora merge stays in the weights
+until the next generation, the cond cache does not see text-encoder adapters, and a generation started
+during training must wait for ``queue_lock``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from trainer.errors import TrainTrainError
+from trainer.models.webui_runtime import WebUIBundle
+
+log = logging.getLogger("traintrain")
+
+QUANTIZED_MSG = (
+    "Forge stores this U-Net as {dtype}; in-place training needs fp32, fp16 or bf16 weights. "
+    "Set 'Diffusion in Low Bits' to Automatic (or a 16/32-bit choice) and reload the model."
+)
+LOWVRAM_MSG = (
+    "TrainTrain cannot train while the Web-UI runs with --lowvram (it moves each U-Net block off the GPU "
+    "between uses, which breaks backward). Restart without --lowvram (--medvram works)."
+)
+
+
+def _modules() -> Any:
+    """Import the Web-UI's modules lazily (the core never imports them)."""
+    from modules import shared
+
+    return shared
+
+
+def _instance_forwards(root: nn.Module) -> dict[int, tuple[nn.Module, Any]]:
+    return {id(m): (m, m.__dict__["forward"]) for m in root.modules() if "forward" in m.__dict__}
+
+
+class _Snapshot:
+    """Everything about the model that training may touch and the host must put back."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.params = [(p, p.requires_grad, p.device, p.dtype) for p in model.parameters()]
+        self.training = [(m, m.training) for m in model.modules()]
+        self.forwards = _instance_forwards(model)
+
+    def restore(self) -> list[str]:
+        """Put the model back; returns what had to be repaired (for the log)."""
+        repaired: list[str] = []
+        now = _instance_forwards(self.model)
+        stray = [m for key, (m, fwd) in now.items() if key not in self.forwards or self.forwards[key][1] is not fwd]
+        for m in stray:
+            del m.__dict__["forward"]
+        for m, fwd in self.forwards.values():
+            if m.__dict__.get("forward") is not fwd:
+                m.forward = fwd
+        if stray:
+            repaired.append(f"removed {len(stray)} instance forwards left on modules")
+        remaining = [k for k in _instance_forwards(self.model) if k not in self.forwards]
+        assert not remaining, f"{len(remaining)} instance forwards remain after restore"
+        moved = 0
+        with torch.no_grad():
+            for p, flag, device, dtype in self.params:
+                p.grad = None
+                if p.device != device or p.dtype != dtype:
+                    p.data = p.data.to(device=device, dtype=dtype)
+                    moved += 1
+                p.requires_grad_(flag)
+        if moved:
+            repaired.append(f"moved {moved} parameters back to their device/dtype")
+        for m, flag in self.training:
+            m.training = flag
+        return repaired
+
+
+class WebUIHost:
+    """:class:`~trainer.hosts.base.Host` for A1111 1.10 and Forge.
+
+    Args:
+        name: ``"a1111"`` or ``"forge"``; detected when None.
+    """
+
+    def __init__(self, name: str | None = None) -> None:
+        self.name = name or self._detect()
+        self.notes: list[str] = []
+
+    @staticmethod
+    def _detect() -> str:
+        import importlib.util
+
+        shared = _modules()
+        if hasattr(getattr(shared, "sd_model", None), "forge_objects") or importlib.util.find_spec("modules_forge"):
+            return "forge"
+        return "a1111"
+
+    # -- lists -----------------------------------------------------------------------------------
+
+    def list_models(self) -> list[str]:
+        from modules import sd_models
+
+        return list(sd_models.checkpoint_tiles())
+
+    def list_vaes(self) -> list[str]:
+        from modules import sd_vae
+
+        return [""] + list(sd_vae.vae_dict)
+
+    def default_model(self) -> str:
+        shared = _modules()
+        info = getattr(shared.sd_model, "sd_checkpoint_info", None)
+        return str(getattr(info, "title", None) or getattr(shared.opts, "sd_model_checkpoint", "") or "")
+
+    def lora_dir(self) -> Path:
+        shared = _modules()
+        folder = getattr(shared.cmd_opts, "lora_dir", None)
+        if not folder:
+            from modules import paths
+
+            folder = Path(paths.models_path) / "Lora"
+        path = Path(folder)
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    # -- progress --------------------------------------------------------------------------------
+
+    def report(self, step: int, total: int, text: str) -> None:
+        state = _modules().state
+        state.job_count = 1
+        state.job_no = 0
+        state.sampling_steps = max(int(total), 1)
+        state.sampling_step = int(step)
+        state.textinfo = text
+
+    def interrupted(self) -> bool:
+        return bool(getattr(_modules().state, "interrupted", False))
+
+    def on_saved(self, path: Path, sidecar: dict[str, Any] | None) -> None:
+        """Write A1111's ``<name>.json`` card sidecar and refresh the built-in Lora list."""
+        path = Path(path)
+        if sidecar is not None:
+            from trainer.paths import atomic_write_text
+
+            atomic_write_text(path.with_suffix(".json"), json.dumps(sidecar, indent=4, ensure_ascii=False))
+        try:
+            import networks  # A1111/Forge extensions-builtin/Lora is on sys.path
+        except ImportError:
+            return
+        refresh = getattr(networks, "list_available_networks", None)
+        if refresh is not None:
+            try:
+                refresh()
+            except Exception as err:  # a failing refresh must not lose the saved file's success
+                log.warning("TrainTrain: refreshing the Lora list failed: %s", err)
+
+    # -- acquire ---------------------------------------------------------------------------------
+
+    @contextmanager
+    def acquire(self, model: str, vae: str, *, precision: str, v_pred: bool | None) -> Iterator[WebUIBundle]:
+        """Borrow the Web-UI's model for training, holding ``queue_lock`` for the whole span.
+
+        Raises:
+            TrainTrainError: ``--lowvram``, a quantized Forge U-Net, a model that cannot be loaded, or a
+                merged Lora that cannot be undone.
+        """
+        shared = _modules()
+        if getattr(shared.cmd_opts, "lowvram", False):
+            raise TrainTrainError(LOWVRAM_MSG)
+        medvram = bool(getattr(shared.cmd_opts, "medvram", False) or getattr(shared.cmd_opts, "medvram_sdxl", False))
+        self.notes = []
+        if medvram:
+            self.notes.append("--medvram: latents and prompts are cached first, then the U-Net trains alone")
+        from modules.call_queue import queue_lock
+
+        with queue_lock:
+            shared.state.begin(job="traintrain")
+            try:
+                with self._loaded(model, vae):
+                    yield from self._span(shared, precision=precision, v_pred=v_pred, medvram=medvram)
+            finally:
+                _clear_cond_cache()
+                shared.state.end()
+
+    def _span(self, shared: Any, *, precision: str, v_pred: bool | None, medvram: bool) -> Iterator[WebUIBundle]:
+        sd_model = shared.sd_model
+        if self.name == "forge" or hasattr(sd_model, "forge_objects"):
+            _forge_prepare(sd_model)
+        else:
+            _undo_merged_lora(sd_model)
+        model_id = id(sd_model)
+        snap = _Snapshot(sd_model)
+        for p in sd_model.parameters():
+            p.requires_grad_(False)
+        bundle = None
+        try:
+            bundle = WebUIBundle(sd_model, device=_device(sd_model), v_pred=v_pred, medvram=medvram)
+            bundle.notes[:0] = self.notes
+            if precision and _DTYPES.get(precision) not in (None, bundle.dtype):
+                bundle.notes.append(f"precision {precision} ignored: the Web-UI's model stays in {str(bundle.dtype).replace('torch.', '')} (trained in place)")
+            for note in bundle.notes:
+                log.info("TrainTrain: %s", note)
+            yield bundle
+        finally:
+            if bundle is not None:
+                bundle.set_gradient_checkpointing(False)
+            if id(shared.sd_model) != model_id:
+                log.warning("TrainTrain: the Web-UI model changed during training; restoring the one trained")
+            for line in snap.restore():
+                log.warning("TrainTrain: %s", line)
+
+    @contextmanager
+    def _loaded(self, model: str, vae: str) -> Iterator[None]:
+        """Load the chosen checkpoint/VAE through the Web-UI's own loader; put the previous ones back."""
+        shared = _modules()
+        from modules import sd_models, sd_vae
+
+        prev_info = getattr(shared.sd_model, "sd_checkpoint_info", None)
+        prev_vae = getattr(sd_vae, "loaded_vae_file", None)
+        changed_model = changed_vae = False
+        try:
+            if model and model not in (getattr(prev_info, "title", None), getattr(prev_info, "name", None)):
+                info = sd_models.get_closet_checkpoint_match(model)
+                if info is None:
+                    raise TrainTrainError(f"model: '{model}' is not one of the Web-UI's checkpoints; press refresh or pick one from the list")
+                if self.name == "forge":
+                    raise TrainTrainError(f"model: on Forge, select '{model}' in the Web-UI's checkpoint dropdown first (or leave Model empty to train the loaded one)")
+                sd_models.reload_model_weights(info=info)
+                changed_model = True
+            if vae:
+                if vae not in sd_vae.vae_dict:
+                    raise TrainTrainError(f"vae: '{vae}' is not one of the Web-UI's VAEs; press refresh or pick one from the list")
+                if self.name == "forge":
+                    raise TrainTrainError("vae: on Forge, choose the VAE in the Web-UI's VAE selector (leave this empty)")
+                if sd_vae.vae_dict[vae] != prev_vae:
+                    sd_vae.reload_vae_weights(shared.sd_model, vae_file=sd_vae.vae_dict[vae])
+                    changed_vae = True
+            yield
+        finally:
+            if changed_model and prev_info is not None:
+                sd_models.reload_model_weights(info=prev_info)
+            if changed_vae or (changed_model and getattr(sd_vae, "loaded_vae_file", None) != prev_vae):
+                sd_vae.reload_vae_weights(shared.sd_model, vae_file=prev_vae)
+
+
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _device(sd_model: Any) -> torch.device:
+    try:
+        from modules import devices
+
+        return torch.device(devices.device)
+    except (ImportError, AttributeError):
+        return next(sd_model.parameters()).device
+
+
+def _clear_cond_cache() -> None:
+    """A1111's cond cache key has no term for text-encoder weights: clear it around training."""
+    try:
+        from modules.processing import StableDiffusionProcessing
+    except ImportError:
+        return
+    StableDiffusionProcessing.cached_c = [None, None]
+    StableDiffusionProcessing.cached_uc = [None, None]
+
+
+def _undo_merged_lora(sd_model: nn.Module) -> None:
+    """Put back weights the built-in Lora extension merged at the last generation.
+
+    Raises:
+        TrainTrainError: merged weights are present and the Lora extension cannot restore them.
+    """
+    merged = [m for m in sd_model.modules() if getattr(m, "network_current_names", ())]
+    try:
+        import networks
+    except ImportError:
+        networks = None
+    if networks is not None and getattr(networks, "loaded_networks", None):
+        networks.load_networks([])
+    if not merged:
+        return
+    if networks is None or not hasattr(networks, "network_apply_weights"):
+        raise TrainTrainError("a Lora used at the last generation is still merged into the model and the built-in Lora extension cannot be reached to undo it; generate once without <lora:...> and retry")
+    with torch.no_grad():
+        for m in merged:
+            networks.network_apply_weights(m)
+    left = sum(1 for m in sd_model.modules() if getattr(m, "network_current_names", ()))
+    if left:
+        raise TrainTrainError(f"{left} modules still hold a merged Lora; generate once without <lora:...> and retry")
+
+
+def _forge_prepare(sd_model: Any) -> None:
+    """Forge: refuse quantized U-Net storage, drop LoRA patches, and load the U-Net onto the GPU."""
+    patcher = sd_model.forge_objects.unet
+    storage = getattr(patcher.model, "storage_dtype", None)
+    if storage is not None and storage not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TrainTrainError(QUANTIZED_MSG.format(dtype=storage))
+    original = getattr(sd_model, "forge_objects_original", None)
+    if original is not None and hasattr(original, "shallow_copy"):
+        sd_model.forge_objects = original.shallow_copy()
+        patcher = sd_model.forge_objects.unet
+    try:
+        from backend import memory_management
+    except ImportError:
+        return
+    memory_management.load_model_gpu(patcher)
