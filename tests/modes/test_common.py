@@ -94,7 +94,7 @@ class _Sched:
         self.calls += 1
 
     def lrs(self):
-        return {"unet": self.opt.param_groups[0]["lr"]}
+        return [self.opt.param_groups[0]["lr"]]
 
 
 class _Opt:

@@ -199,7 +199,7 @@ def train_pass(
     Args:
         loss_step: builds the loss of step ``i`` (0-based); called under autocast.
         optimizer: an ``OptimizerBundle`` from trainer.optim.
-        schedule: a ``Schedule`` from trainer.schedules (stepped once per step, with the EMA loss).
+        schedule: a ``Schedule`` from trainer.schedules (stepped once per step with the raw loss).
         stop: returns None, ``"stop"`` or ``"save"`` (checked after every step).
         save: writes the network; ``save(step)`` for step files, returns the path.
 
@@ -208,6 +208,7 @@ def train_pass(
     """
     opt = optimizer.optimizer
     params = [p for group in opt.param_groups for p in group["params"]]
+    names = [group.get("name", f"group{i}") for i, group in enumerate(opt.param_groups)]
     scaler = precision.make_scaler()
     tracker = LossTracker(total_steps)
     periodic = save_steps(total_steps, save_every)
@@ -230,9 +231,11 @@ def train_pass(
         scaler.step(opt)
         scaler.update()
         opt.zero_grad(set_to_none=True)
-        schedule.step(tracker.update(value))
+        schedule.step(value)
+        tracker.update(value)
         elapsed, eta = tracker.timing(step)
-        events.emit(ProgressEvent(step, total_steps, value, tracker.ema, schedule.lrs(), epoch(), elapsed, eta, pass_index))
+        lrs = dict(zip(names, schedule.lrs(), strict=False))
+        events.emit(ProgressEvent(step, total_steps, value, tracker.ema, lrs, epoch(), elapsed, eta, pass_index))
         if step in periodic:
             last_save = save(step)
         request = stop()

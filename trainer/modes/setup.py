@@ -168,6 +168,8 @@ def build_optimization(ctx: RunContext, s, network, total_steps: int):
         num_cycles=s.train_lr_scheduler_num_cycles, power=s.train_lr_scheduler_power, step_rules=s.train_lr_step_rules,
         settings=dict(s.train_lr_scheduler_settings),
     )
+    for note in schedule.notes:
+        ctx.note(note)
     return optimizer, schedule
 
 
