@@ -1,0 +1,177 @@
+"""The tab in Chromium: preset load, a tiny training run with live progress, queue, stop, plot, modes.
+
+Runs against the standalone app (``conftest.app``); ``scripts/run_browser_tests.sh`` repeats it on
+gradio 3.41.2 and 4.40.0. Screenshots land in ``tests/artifacts/<tag>/``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.browser
+TIMEOUT_MS = 180_000
+ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts" / os.environ.get("TT_ARTIFACT_TAG", "current")
+
+
+def _box(page, elem_id: str):
+    return page.locator(f"#{elem_id} textarea, #{elem_id} input[type=text], #{elem_id} input:not([type])").first
+
+
+def fill(page, elem_id: str, value: str) -> None:
+    box = _box(page, elem_id)
+    box.fill(value)
+    box.press("Tab")
+
+
+def choose(page, elem_id: str, value: str) -> None:
+    """Pick a dropdown value (typed; every dropdown of the tab accepts custom values)."""
+    box = page.locator(f"#{elem_id} input").first
+    box.click()
+    box.fill(value)
+    box.press("Enter")
+    page.keyboard.press("Escape")
+    page.wait_for_timeout(300)
+
+
+def message(page) -> str:
+    return page.locator("#tt_message textarea").input_value()
+
+
+def wait_message(page, pattern: str, timeout: int = TIMEOUT_MS) -> str:
+    page.wait_for_function(
+        "([p]) => { const t = document.querySelector('#tt_message textarea'); return t && new RegExp(p).test(t.value); }",
+        arg=[pattern], timeout=timeout)
+    return message(page)
+
+
+def shot(page, name: str) -> None:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+
+
+def load_preset(page, name: str) -> None:
+    choose(page, "tt_preset", name)
+    page.click("#tt_preset_load")
+    wait_message(page, f"Loaded preset '{re.escape(name)}'", 30_000)
+
+
+def tiny_lora(page, app, name: str, iterations: int = 6) -> None:
+    """The LoRA preset with a tiny model, a tiny dataset and a few steps."""
+    load_preset(page, "LoRA")
+    choose(page, "tt_model", "tiny-sd1")
+    fill(page, "tt_lora_data_directory", str(app["data"]))
+    fill(page, "tt_image_size", "64")
+    fill(page, "tt_train_iterations", str(iterations))
+    fill(page, "tt_train_batch_size", "1")
+    choose(page, "tt_image_buckets_step", "64")
+    fill(page, "tt_image_min_length", "64")
+    fill(page, "tt_save_lora_name", name)
+    page.locator("#tt_save_overwrite input").check()
+
+
+def test_start_training_shows_progress_and_result(page, app):
+    tiny_lora(page, app, "ui_lora")
+    assert _box(page, "tt_train_iterations").input_value() == "6"
+    page.click("#tt_start")
+    wait_message(page, "Started 'ui_lora'", 30_000)
+    page.wait_for_function(
+        "() => { const s = document.querySelector('#tt_step_text'); return s && /step [1-9]\\d* \\/ 6/.test(s.textContent); }",
+        timeout=TIMEOUT_MS)
+    shot(page, "train-progress")
+    text = wait_message(page, r"ui_lora: Successfully created to \S+ui_lora\.safetensors")
+    assert "ui_lora.safetensors" in text
+    assert page.locator("#tt_step_text").text_content().strip() == "step 6 / 6"
+    assert page.locator("#tt_live_plot canvas, #tt_live_plot svg").count() > 0
+    shot(page, "train-done")
+
+
+def test_queue_runs_two_jobs_in_order(page, app):
+    worker = app["worker"]
+    assert worker.wait_idle(120)
+    tiny_lora(page, app, "ui_q1", iterations=4)
+    page.click("#tt_queue_add")
+    wait_message(page, "Added 'ui_q1' to the queue", 30_000)
+    fill(page, "tt_save_lora_name", "ui_q2")
+    page.click("#tt_queue_add")
+    wait_message(page, "Added 'ui_q2' to the queue", 30_000)
+    page.click("#tt_tab_queue-button, button:has-text('Queue')")
+    page.wait_for_function("() => document.querySelector('#tt_queue_table') && "
+                           "document.querySelector('#tt_queue_table').innerText.includes('ui_q2')", timeout=30_000)
+    shot(page, "queue-two-waiting")
+    page.click("#tt_queue_run")
+    page.wait_for_function(
+        "() => { const t = document.querySelector('#tt_queue_table'); if (!t) return false;"
+        " const rows = [...t.querySelectorAll('tr')].map(r => r.innerText);"
+        " return ['ui_q1', 'ui_q2'].every(n => rows.some(r => r.includes(n) && r.includes('done'))); }",
+        timeout=TIMEOUT_MS)
+    shot(page, "queue-done")
+    done = {r.name: r for r in worker.records() if r.name in ("ui_q1", "ui_q2")}
+    assert done["ui_q1"].status == done["ui_q2"].status == "done"
+    assert done["ui_q1"].finished <= done["ui_q2"].started
+
+
+def test_stop_ends_the_running_job(page, app):
+    assert app["worker"].wait_idle(120)
+    tiny_lora(page, app, "ui_stop", iterations=400)
+    page.click("#tt_start")
+    page.wait_for_function(
+        "() => { const s = document.querySelector('#tt_step_text'); return s && /step [1-9]/.test(s.textContent); }",
+        timeout=TIMEOUT_MS)
+    page.click("#tt_stop")  # confirm() is accepted by the page fixture
+    text = wait_message(page, "ui_stop: Stopped")
+    assert "Successfully" not in text
+    record = next(r for r in app["worker"].records() if r.name == "ui_stop")
+    assert record.status == "stopped"
+    assert (record.result or {}).get("steps", 400) < 400
+
+
+def test_plot_tab_draws_a_log(page, app):
+    assert app["worker"].wait_idle(120)
+    if not list(app["paths"].logs_root.rglob("*.csv")):
+        tiny_lora(page, app, "ui_plot", iterations=4)
+        page.click("#tt_start")
+        wait_message(page, "ui_plot: Successfully")
+    page.click("button:has-text('Plot')")
+    page.click("#tt_plot_refresh")
+    page.wait_for_timeout(500)
+    newest = app["worker"].records()
+    assert newest
+    choose(page, "tt_plot_log", ".csv")
+    page.wait_for_function(
+        "() => document.querySelectorAll('#tt_plot_loss canvas, #tt_plot_loss svg').length > 0 &&"
+        " document.querySelector('#tt_plot_info') && document.querySelector('#tt_plot_info').innerText.includes('save_lora_name')",
+        timeout=60_000)
+    assert page.locator("#tt_plot_lr canvas, #tt_plot_lr svg").count() > 0
+    shot(page, "plot-tab")
+
+
+def _visible(page, elem_id: str) -> bool:
+    return page.locator(f"#{elem_id}").first.is_visible()
+
+
+@pytest.mark.parametrize(
+    ("mode", "shown", "hidden"),
+    [
+        ("LoRA", ["tt_lora_data_directory", "tt_image_buckets_step", "tt_train_textencoder_learning_rate"],
+         ["tt_pass2", "tt_prompts", "tt_images", "tt_diff_target_name"]),
+        ("iLECO", ["tt_prompts", "tt_original_prompt", "tt_negative_prompt"],
+         ["tt_pass2", "tt_images", "tt_lora_data_directory", "tt_image_buckets_step"]),
+        ("Difference", ["tt_pass2", "tt_images", "tt_prompts", "tt_diff_save_1st_pass"],
+         ["tt_diff_target_name", "tt_negative_prompt", "tt_diff_alt_ratio"]),
+        ("ADDifT", ["tt_images", "tt_prompts", "tt_diff_alt_ratio"], ["tt_pass2", "tt_lora_data_directory"]),
+        ("Multi-ADDifT", ["tt_diff_target_name", "tt_lora_data_directory", "tt_prompts"], ["tt_pass2", "tt_images"]),
+    ],
+)
+def test_mode_switch_shows_the_right_groups(page, mode, shown, hidden):
+    page.locator("#tt_mode label", has_text=re.compile(f"^\\s*{re.escape(mode)}\\s*$")).click()
+    page.wait_for_function(
+        "([ids]) => ids.every(id => { const e = document.getElementById(id); return e && e.offsetParent !== null; })",
+        arg=[shown], timeout=30_000)
+    for elem_id in hidden:
+        assert not _visible(page, elem_id), f"{elem_id} should be hidden in {mode}"
+    if mode == "Difference":
+        shot(page, "mode-difference")

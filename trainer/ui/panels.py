@@ -1,0 +1,93 @@
+"""Text and tables the tab shows: the live progress panel, result lines and the queue table (pure)."""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+ACTIVE = ("queued", "running")
+QUEUE_HEADERS = ("#", "id", "name", "mode", "status", "result")
+
+
+def format_seconds(seconds: float | None) -> str:
+    """``75`` -> ``1:15``, ``3725`` -> ``1:02:05``; unknown -> ``–``."""
+    if seconds is None or seconds != seconds or seconds < 0:
+        return "–"
+    s = int(round(seconds))
+    h, rest = divmod(s, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+def _num(value: float | None) -> str:
+    return "–" if value is None or value != value else f"{value:.4g}"
+
+
+def _cell(label: str, value: str) -> str:
+    return f'<div class="tt-stat"><span class="tt-stat-label">{label}</span><span class="tt-stat-value">{value}</span></div>'
+
+
+def progress_html(progress: Any, busy: bool, queued: int, note: str = "") -> str:
+    """The live panel: a bar with step/total and cells for loss, EMA, LR, epoch, elapsed and ETA.
+
+    Args:
+        progress: the worker's latest ``Progress`` (None before the first step).
+        busy: a job is running (loading the model counts).
+        queued: jobs waiting.
+        note: the latest worker message (model loading, data summary, ...).
+    """
+    waiting = f" · {queued} queued" if queued else ""
+    if progress is None:
+        state = "Preparing…" if busy else "Idle"
+        extra = f'<div class="tt-note">{html.escape(note)}</div>' if note and busy else ""
+        return f'<div class="tt-progress tt-idle"><div class="tt-progress-title">{state}{waiting}</div>{extra}</div>'
+    total = max(int(progress.total or 0), 1)
+    pct = min(100.0, 100.0 * progress.step / total)
+    passes = f" · pass {progress.pass_index}" if getattr(progress, "pass_index", 1) > 1 else ""
+    lrs = " · ".join(f"{html.escape(str(k))} {_num(v)}" for k, v in (progress.lrs or {}).items()) or "–"
+    cells = "".join((
+        _cell("loss", _num(progress.loss)), _cell("loss EMA", _num(progress.loss_ema)), _cell("LR", lrs),
+        _cell("epoch", str(progress.epoch)), _cell("elapsed", format_seconds(progress.elapsed_s)),
+        _cell("ETA", format_seconds(progress.eta_s)),
+    ))
+    title = html.escape(progress.name)
+    state = "Training" if busy else "Finished"
+    note_html = f'<div class="tt-note">{html.escape(note)}</div>' if note else ""
+    return (
+        f'<div class="tt-progress"><div class="tt-progress-title">{state} <b>{title}</b>{passes}{waiting}</div>'
+        f'<div class="tt-bar"><div class="tt-bar-fill" style="width:{pct:.1f}%"></div>'
+        f'<span class="tt-bar-text" id="tt_step_text">step {progress.step} / {progress.total}</span></div>'
+        f'<div class="tt-stats">{cells}</div>{note_html}</div>'
+    )
+
+
+def result_line(record: Any) -> str:
+    """What the Message box says about a finished job: name, outcome, and the file it wrote."""
+    message = (record.message or record.status).strip()
+    return f"{record.name}: {message}"
+
+
+def latest_finished(records: Sequence[Any]) -> Any | None:
+    """The most recently finished record (done, failed, stopped, cancelled), or None."""
+    finished = [r for r in records if r.status not in ACTIVE and getattr(r, "finished", None)]
+    return max(finished, key=lambda r: r.finished) if finished else None
+
+
+def queue_rows(records: Iterable[Any]) -> list[list[Any]]:
+    """Rows for the Queue table, in queue order."""
+    rows = []
+    for i, r in enumerate(records, 1):
+        message = (r.message or "").splitlines()[0] if r.message else ""
+        rows.append([i, r.job_id, r.name, r.mode, r.status, message[:160]])
+    return rows
+
+
+def job_choice(record: Any) -> str:
+    """A Queue-tab dropdown entry: ``<id> · <name> (<status>)``; the id is the first word."""
+    return f"{record.job_id} · {record.name} ({record.status})"
+
+
+def job_id_of(choice: str | None) -> str:
+    """The job id from a dropdown entry (or a bare id typed by hand)."""
+    return (choice or "").strip().split(" ", 1)[0]
