@@ -79,9 +79,9 @@ def _load_beside(foreign: ModuleType) -> ModuleType:
                 log.debug("TrainTrain: %s not loaded: %s", info.name, err)
     finally:
         sys.path.remove(str(EXT_DIR))
-        sys.modules.update(theirs)  # theirs win their own names; ours keep the rest
+        clashes = sorted(k for k in theirs if k != PACKAGE and k in sys.modules)
+        sys.modules.update(theirs)  # theirs keep their names (ours hold direct references); ours keep the rest
     sys.modules[ALIAS] = ours
-    clashes = sorted(k for k in theirs if k != PACKAGE)
     print(f"TrainTrain: another extension also has a 'trainer' package ({getattr(foreign, '__file__', '?')}); "
           f"loaded ours beside it{'; shared names ' + ', '.join(clashes) if clashes else ''}")
     return ours
@@ -126,8 +126,13 @@ def build() -> list[tuple[object, str, str]]:
 
 
 def register() -> None:
+    """Load our package now (before other extensions may claim ``trainer``) and register the tab."""
     from modules import script_callbacks
 
+    try:
+        load_trainer()
+    except Exception:  # build() retries and shows the error in the tab
+        traceback.print_exc()
     script_callbacks.on_ui_tabs(build)
 
 

@@ -1,0 +1,253 @@
+"""WebUIHost.acquire: lock, job state, model switching, merged-Lora cleanup and a bit-exact restore."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+
+import pytest
+import torch
+
+from trainer.errors import TrainTrainError
+from trainer.hosts.base import Host
+from trainer.hosts.webui import WebUIHost
+
+
+def fingerprint(model: torch.nn.Module) -> dict:
+    """Every state_dict tensor's bytes, every requires_grad/training flag, every instance forward."""
+    h = hashlib.blake2b()
+    for k, v in model.state_dict().items():
+        h.update(k.encode())
+        h.update(str((v.dtype, v.device, tuple(v.shape))).encode())
+        h.update(v.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return {
+        "tensors": h.hexdigest(),
+        "requires_grad": [p.requires_grad for p in model.parameters()],
+        "grads": sum(p.grad is not None for p in model.parameters()),
+        "training": [m.training for m in model.modules()],
+        "forwards": sorted(n for n, m in model.named_modules() if "forward" in m.__dict__),
+    }
+
+
+@pytest.fixture
+def webui(fake_webui, models):
+    """A1111 with an SD1 model loaded (U-Net requires_grad=True as A1111 leaves it) and a second checkpoint."""
+    from modules import sd_models, sd_vae
+
+    sd_models.checkpoints_list.clear()
+    sd_models.loads.clear()
+    sd_vae.vae_dict.clear()
+    sd_vae.reloads.clear()
+    sd_vae.loaded_vae_file = None
+    built = {}
+
+    def factory(title, cls, seed):
+        def make():
+            if title not in built:
+                built[title] = cls(seed=seed)
+            return built[title]
+        return make
+
+    for title, cls, seed in (("base.safetensors [abc]", models.LatentDiffusion, 1), ("xl.safetensors [def]", models.DiffusionEngine, 2)):
+        sd_models.checkpoints_list[title] = sd_models.CheckpointInfo(title, f"/m/{title.split()[0]}", title.split(".")[0], factory(title, cls, seed))
+    sd_vae.vae_dict["better.vae.pt"] = "/vae/better.vae.pt"
+    sd_models.reload_model_weights(info=sd_models.checkpoints_list["base.safetensors [abc]"])
+    sd_models.loads.clear()
+    fake_webui.sd_model.cond_stage_model.wrapped.transformer.requires_grad_(False)
+    fake_webui.sd_model.first_stage_model.requires_grad_(False)
+    return fake_webui
+
+
+def train_a_little(bundle):
+    """What a mode does inside the span, plus the mess an error could leave behind."""
+    bundle.set_gradient_checkpointing(True)
+    lin = bundle.unet.input_blocks[1][1].transformer_blocks[0].attn1.to_q
+    extra = torch.nn.Parameter(torch.zeros(lin.out_features, lin.in_features))
+    lin.forward = lambda x: torch.nn.functional.linear(x, lin.weight + extra, lin.bias)  # an adapter left attached
+    bundle.offload("vae")
+    cond = bundle.encode_prompts(["a photo", "red"])
+    out = bundle.predict(torch.randn(2, 4, 8, 8), torch.tensor([5, 500]), cond)
+    out.square().mean().backward()
+    assert extra.grad is not None and extra.grad.abs().sum() > 0
+    bundle.unet.out[2].weight.requires_grad_(True)  # someone flips a flag
+    bundle.unet.train()
+    return extra
+
+
+def test_host_protocol_and_lists(webui, tmp_path):
+    host = WebUIHost()
+    assert isinstance(host, Host) and host.name == "a1111"
+    assert host.list_models() == ["base.safetensors [abc]", "xl.safetensors [def]"]
+    assert host.list_vaes() == ["", "better.vae.pt"]
+    assert host.default_model() == "base.safetensors [abc]"
+    assert host.lora_dir() == tmp_path / "Lora" and (tmp_path / "Lora").is_dir()
+    host.report(3, 10, "step 3/10")
+    assert (webui.state.sampling_step, webui.state.sampling_steps, webui.state.textinfo) == (3, 10, "step 3/10")
+    assert host.interrupted() is False
+    webui.state.interrupted = True
+    assert host.interrupted() is True
+
+
+def test_on_saved_writes_sidecar_and_refreshes(webui, tmp_path):
+    import networks
+
+    networks.refreshes.clear()
+    lora = tmp_path / "Lora" / "cat.safetensors"
+    WebUIHost().on_saved(lora, {"activation text": "cat", "preferred weight": 0.8, "sd version": "SD1"})
+    assert json.loads(lora.with_suffix(".json").read_text())["activation text"] == "cat"
+    assert networks.refreshes == [1]
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_acquire_holds_lock_and_restores_bit_exact(webui, fail):
+    from modules.call_queue import queue_lock
+    from modules.processing import StableDiffusionProcessing
+
+    model = webui.sd_model
+    before = fingerprint(model)
+    assert any(before["requires_grad"]) and not any(before["training"])
+    StableDiffusionProcessing.cached_c = ["stale", 1]
+    seen = {}
+
+    def other_thread():
+        seen["got_lock"] = queue_lock.acquire(blocking=False)
+        if seen["got_lock"]:
+            queue_lock.release()
+
+    with pytest.raises(RuntimeError, match="boom") if fail else _nothing():
+        with WebUIHost().acquire("", "", precision="fp32", v_pred=None) as bundle:
+            t = threading.Thread(target=other_thread)
+            t.start()
+            t.join()
+            assert seen["got_lock"] is False, "a generation could run during training"
+            assert webui.state.job == "traintrain"
+            assert not any(p.requires_grad for p in model.parameters())
+            train_a_little(bundle)
+            if fail:
+                raise RuntimeError("boom")
+    assert not queue_lock.locked()
+    assert webui.state.events == ["begin:traintrain", "end"]
+    assert StableDiffusionProcessing.cached_c == [None, None]
+    assert fingerprint(model) == before
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_lowvram_refused_without_taking_the_lock(webui):
+    from modules.call_queue import queue_lock
+
+    webui.cmd_opts.lowvram = True
+    with pytest.raises(TrainTrainError, match="--lowvram"):
+        with WebUIHost().acquire("", "", precision="fp16", v_pred=None):
+            pass
+    assert not queue_lock.locked() and webui.state.events == []
+
+
+def test_medvram_notes_and_unet_only(webui):
+    webui.cmd_opts.medvram = True
+    with WebUIHost().acquire("", "", precision="fp32", v_pred=None) as bundle:
+        assert bundle.text_encoders == {}
+        assert any("cached first" in n for n in bundle.notes)
+
+
+def test_merged_lora_leftover_is_undone(webui):
+    import networks
+
+    model = webui.sd_model
+    pristine = fingerprint(model)["tensors"]
+    target = model.model.diffusion_model.middle_block[1].proj_in
+    networks.merge_into(target, torch.full_like(target.weight, 0.5))
+    assert fingerprint(model)["tensors"] != pristine
+    with WebUIHost().acquire("", "", precision="fp32", v_pred=None):
+        assert fingerprint(model)["tensors"] == pristine
+        assert networks.loaded_networks == []
+    assert fingerprint(model)["tensors"] == pristine
+
+
+def test_merged_lora_without_extension_is_refused(webui, monkeypatch):
+    import sys
+
+    model = webui.sd_model
+    target = model.model.diffusion_model.out[2]
+    target.network_current_names = (("x", 1.0, 1.0, None),)
+    monkeypatch.setitem(sys.modules, "networks", None)  # extension not importable
+    with pytest.raises(TrainTrainError, match="still merged"):
+        with WebUIHost().acquire("", "", precision="fp32", v_pred=None):
+            pass
+    from modules.call_queue import queue_lock
+
+    assert not queue_lock.locked() and webui.state.events == ["begin:traintrain", "end"]
+
+
+def test_other_model_and_vae_loaded_then_restored(webui):
+    from modules import sd_models, sd_vae
+
+    base = webui.sd_model
+    with WebUIHost().acquire("xl.safetensors", "better.vae.pt", precision="fp32", v_pred=None) as bundle:
+        assert webui.sd_model is not base and bundle.family.value == "sdxl"
+        assert sd_vae.loaded_vae_file == "/vae/better.vae.pt"
+    assert webui.sd_model is base
+    assert sd_models.loads == ["xl.safetensors [def]", "base.safetensors [abc]"]
+    assert sd_vae.reloads == ["/vae/better.vae.pt", None]
+
+
+def test_unknown_model_refused(webui):
+    with pytest.raises(TrainTrainError, match="not one of the Web-UI's checkpoints"):
+        with WebUIHost().acquire("nope", "", precision="fp32", v_pred=None):
+            pass
+
+
+class _Patcher:
+    def __init__(self, model):
+        self.model = model
+
+
+class ForgeModel(torch.nn.Module):
+    """Forge's backend model: conditioning and VAE in inference mode, U-Net under forge_objects."""
+
+    is_sd1 = True
+
+    def __init__(self, ldm, storage=torch.float32):
+        super().__init__()
+        self.ldm = ldm
+        km = torch.nn.Module()
+        km.diffusion_model = ldm.model.diffusion_model
+        km.storage_dtype = storage
+        km.predictor = type("PredictionEpsilon", (), {"alphas_cumprod": ldm.alphas_cumprod, "prediction_type": "epsilon"})()
+        self.forge_objects = type("FO", (), {"unet": _Patcher(km)})()
+
+    @torch.inference_mode()
+    def get_learned_conditioning(self, prompts):
+        return self.ldm.get_learned_conditioning(prompts)
+
+    @torch.inference_mode()
+    def encode_first_stage(self, x):
+        return self.ldm.get_first_stage_encoding(self.ldm.encode_first_stage(x))
+
+
+def test_forge_quantized_refused(webui, models):
+    webui.sd_model = ForgeModel(models.LatentDiffusion(seed=1), storage=torch.float8_e4m3fn)
+    with pytest.raises(TrainTrainError, match="Forge stores this U-Net"):
+        with WebUIHost("forge").acquire("", "", precision="fp16", v_pred=None):
+            pass
+
+
+def test_forge_unet_trains_through_inference_mode_conditioning(webui, models):
+    webui.sd_model = ForgeModel(models.LatentDiffusion(seed=1))
+    with WebUIHost("forge").acquire("", "", precision="fp32", v_pred=None) as bundle:
+        assert bundle.forge and bundle.text_encoders == {}
+        cond = bundle.encode_prompts(["a", "b"])
+        z = bundle.encode_images(torch.zeros(2, 3, 64, 64), torch.Generator().manual_seed(0))
+        lin = bundle.unet.middle_block[1].proj_out
+        extra = torch.nn.Parameter(torch.zeros_like(lin.weight))
+        lin.forward = lambda x: torch.nn.functional.conv2d(x, lin.weight + extra, lin.bias) if lin.weight.ndim == 4 else torch.nn.functional.linear(x, lin.weight + extra, lin.bias)
+        bundle.predict(z, torch.tensor([1, 2]), cond).square().mean().backward()
+        assert extra.grad.abs().sum() > 0
+    assert sum("forward" in m.__dict__ for m in webui.sd_model.modules()) == 0
