@@ -115,7 +115,7 @@ def build() -> list[tuple[object, str, str]]:
     try:
         load_trainer()
         host = _submodule("hosts.webui").WebUIHost()
-        worker = _submodule("jobs").Worker(host, EXT_DIR / "queue")
+        worker = _submodule("jobs").Worker(host, EXT_DIR / "queue", logs_root=EXT_DIR / "logs", json_root=EXT_DIR / "json")
         blocks = _submodule("ui.tab").build_tab(
             worker, host, presets_dir=EXT_DIR / "presets", json_root=EXT_DIR / "json", logs_root=EXT_DIR / "logs"
         )

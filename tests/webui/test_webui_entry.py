@@ -67,7 +67,7 @@ def test_tab_registered_beside_a_foreign_trainer(fake_webui, foreign_trainer, mo
     assert sys.path == path_before
 
     calls = {}
-    fake_jobs = types.SimpleNamespace(Worker=lambda host, state_dir: calls.setdefault("worker", (host, state_dir)))
+    fake_jobs = types.SimpleNamespace(Worker=lambda host, state_dir, **kw: calls.setdefault("worker", (host, state_dir, kw)))
 
     def build_tab(worker, host, *, presets_dir, json_root, logs_root):
         calls["tab"] = (worker, host, presets_dir, json_root, logs_root)
@@ -78,6 +78,7 @@ def test_tab_registered_beside_a_foreign_trainer(fake_webui, foreign_trainer, mo
     tabs = script.build()
     assert tabs == [("BLOCKS", "TrainTrain", "traintrain")]
     assert type(calls["tab"][1]).__name__ == "WebUIHost" and calls["tab"][2] == ROOT / "presets"
+    assert calls["worker"][2] == {"logs_root": ROOT / "logs", "json_root": ROOT / "json"}
 
 
 def test_tab_failure_shows_error_panel(fake_webui, monkeypatch):
