@@ -131,9 +131,12 @@ class StandaloneHost:
         try:
             yield bundle
         finally:
+            from trainer.network import detach_all
+
             bundle.set_gradient_checkpointing(False)
-            for module in bundle.unet.modules():  # adapters never stay attached between jobs
-                module.__dict__.pop("forward", None)
+            # a safety net: the modes detach their networks, and nothing may stay attached between jobs
+            for root in (bundle.unet, *bundle.text_encoders.values()):
+                detach_all(root)
 
     def on_saved(self, path: Path, sidecar: dict[str, Any] | None) -> None:
         if sidecar:
