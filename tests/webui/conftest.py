@@ -38,3 +38,32 @@ def models():
     import fake_models
 
     return fake_models
+
+
+@pytest.fixture
+def webui(fake_webui, models):
+    """A1111 with an SD1 model loaded (U-Net requires_grad=True as A1111 leaves it) and a second checkpoint."""
+    from modules import sd_models, sd_vae
+
+    sd_models.checkpoints_list.clear()
+    sd_models.loads.clear()
+    sd_vae.vae_dict.clear()
+    sd_vae.reloads.clear()
+    sd_vae.loaded_vae_file = None
+    built = {}
+
+    def factory(title, cls, seed):
+        def make():
+            if title not in built:
+                built[title] = cls(seed=seed)
+            return built[title]
+        return make
+
+    for title, cls, seed in (("base.safetensors [abc]", models.LatentDiffusion, 1), ("xl.safetensors [def]", models.DiffusionEngine, 2)):
+        sd_models.checkpoints_list[title] = sd_models.CheckpointInfo(title, f"/m/{title.split()[0]}", title.split(".")[0], factory(title, cls, seed))
+    sd_vae.vae_dict["better.vae.pt"] = "/vae/better.vae.pt"
+    sd_models.reload_model_weights(info=sd_models.checkpoints_list["base.safetensors [abc]"])
+    sd_models.loads.clear()
+    fake_webui.sd_model.cond_stage_model.wrapped.transformer.requires_grad_(False)
+    fake_webui.sd_model.first_stage_model.requires_grad_(False)
+    return fake_webui

@@ -2,61 +2,16 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import threading
 
 import pytest
 import torch
+from helpers import fingerprint
 
 from trainer.errors import TrainTrainError
 from trainer.hosts.base import Host
 from trainer.hosts.webui import WebUIHost
-
-
-def fingerprint(model: torch.nn.Module) -> dict:
-    """Every state_dict tensor's bytes, every requires_grad/training flag, every instance forward."""
-    h = hashlib.blake2b()
-    for k, v in model.state_dict().items():
-        h.update(k.encode())
-        h.update(str((v.dtype, v.device, tuple(v.shape))).encode())
-        h.update(v.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return {
-        "tensors": h.hexdigest(),
-        "requires_grad": [p.requires_grad for p in model.parameters()],
-        "grads": sum(p.grad is not None for p in model.parameters()),
-        "training": [m.training for m in model.modules()],
-        "forwards": sorted(n for n, m in model.named_modules() if "forward" in m.__dict__),
-    }
-
-
-@pytest.fixture
-def webui(fake_webui, models):
-    """A1111 with an SD1 model loaded (U-Net requires_grad=True as A1111 leaves it) and a second checkpoint."""
-    from modules import sd_models, sd_vae
-
-    sd_models.checkpoints_list.clear()
-    sd_models.loads.clear()
-    sd_vae.vae_dict.clear()
-    sd_vae.reloads.clear()
-    sd_vae.loaded_vae_file = None
-    built = {}
-
-    def factory(title, cls, seed):
-        def make():
-            if title not in built:
-                built[title] = cls(seed=seed)
-            return built[title]
-        return make
-
-    for title, cls, seed in (("base.safetensors [abc]", models.LatentDiffusion, 1), ("xl.safetensors [def]", models.DiffusionEngine, 2)):
-        sd_models.checkpoints_list[title] = sd_models.CheckpointInfo(title, f"/m/{title.split()[0]}", title.split(".")[0], factory(title, cls, seed))
-    sd_vae.vae_dict["better.vae.pt"] = "/vae/better.vae.pt"
-    sd_models.reload_model_weights(info=sd_models.checkpoints_list["base.safetensors [abc]"])
-    sd_models.loads.clear()
-    fake_webui.sd_model.cond_stage_model.wrapped.transformer.requires_grad_(False)
-    fake_webui.sd_model.first_stage_model.requires_grad_(False)
-    return fake_webui
 
 
 def train_a_little(bundle):

@@ -11,7 +11,7 @@ network = pytest.importorskip("trainer.network")
 if not hasattr(network, "build_network"):
     pytest.skip("trainer.network has no build_network yet", allow_module_level=True)
 
-from test_webui_host import fingerprint, webui  # noqa: E402,F401  (fixture reused)
+from helpers import fingerprint  # noqa: E402
 
 from trainer.hosts.webui import WebUIHost  # noqa: E402
 
