@@ -164,19 +164,22 @@ class _Patcher:
         self.model = model
 
 
-class ForgeModel(torch.nn.Module):
-    """Forge's backend model: conditioning and VAE in inference mode, U-Net under forge_objects."""
+class ForgeModel:
+    """Forge's backend engine (not an nn.Module): conditioning and VAE in inference mode, the U-Net
+    under forge_objects, ``cond_stage_model``/``first_stage_model`` set to None."""
 
     is_sd1 = True
+    cond_stage_model = first_stage_model = None
 
     def __init__(self, ldm, storage=torch.float32):
-        super().__init__()
         self.ldm = ldm
         km = torch.nn.Module()
         km.diffusion_model = ldm.model.diffusion_model
         km.storage_dtype = storage
         km.predictor = type("PredictionEpsilon", (), {"alphas_cumprod": ldm.alphas_cumprod, "prediction_type": "epsilon"})()
-        self.forge_objects = type("FO", (), {"unet": _Patcher(km)})()
+        clip = type("Clip", (), {"cond_stage_model": ldm.cond_stage_model})()
+        vae = type("Vae", (), {"first_stage_model": ldm.first_stage_model})()
+        self.forge_objects = type("FO", (), {"unet": _Patcher(km), "clip": clip, "vae": vae})()
 
     @torch.inference_mode()
     def get_learned_conditioning(self, prompts):
@@ -195,8 +198,12 @@ def test_forge_quantized_refused(webui, models):
 
 
 def test_forge_unet_trains_through_inference_mode_conditioning(webui, models):
-    webui.sd_model = ForgeModel(models.LatentDiffusion(seed=1))
+    ldm = models.LatentDiffusion(seed=1)
+    webui.sd_model = ForgeModel(ldm)
+    before = fingerprint(ldm)
+    assert any(before["requires_grad"])
     with WebUIHost("forge").acquire("", "", precision="fp32", v_pred=None) as bundle:
+        assert not any(p.requires_grad for p in ldm.parameters())
         assert bundle.forge and bundle.text_encoders == {}
         cond = bundle.encode_prompts(["a", "b"])
         z = bundle.encode_images(torch.zeros(2, 3, 64, 64), torch.Generator().manual_seed(0))
@@ -205,4 +212,4 @@ def test_forge_unet_trains_through_inference_mode_conditioning(webui, models):
         lin.forward = lambda x: torch.nn.functional.conv2d(x, lin.weight + extra, lin.bias) if lin.weight.ndim == 4 else torch.nn.functional.linear(x, lin.weight + extra, lin.bias)
         bundle.predict(z, torch.tensor([1, 2]), cond).square().mean().backward()
         assert extra.grad.abs().sum() > 0
-    assert sum("forward" in m.__dict__ for m in webui.sd_model.modules()) == 0
+    assert fingerprint(ldm) == before

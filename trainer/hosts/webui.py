@@ -45,12 +45,31 @@ def _instance_forwards(root: nn.Module) -> dict[int, tuple[nn.Module, Any]]:
     return {id(m): (m, m.__dict__["forward"]) for m in root.modules() if "forward" in m.__dict__}
 
 
+def model_roots(sd_model: Any) -> nn.Module:
+    """One module holding everything trainable: A1111's model itself; on Forge (whose engine is not an
+    ``nn.Module``) its U-Net, text encoders and VAE gathered under one container."""
+    if isinstance(sd_model, nn.Module):
+        return sd_model
+    objects = sd_model.forge_objects
+    parts = {
+        "unet": getattr(getattr(objects, "unet", None), "model", None),
+        "clip": getattr(getattr(objects, "clip", None), "cond_stage_model", None),
+        "vae": getattr(getattr(objects, "vae", None), "first_stage_model", None),
+    }
+    root = nn.Module()
+    for name, part in parts.items():
+        if isinstance(part, nn.Module):
+            root.add_module(name, part)  # a view: torch modules may have several parents; nothing is copied
+    return root
+
+
 class _Snapshot:
     """Everything about the model that training may touch and the host must put back."""
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self.params = [(p, p.requires_grad, p.device, p.dtype) for p in model.parameters()]
+        self.buffers = [(b, b.device, b.dtype) for b in model.buffers()]
         self.training = [(m, m.training) for m in model.modules()]
         self.forwards = _instance_forwards(model)
 
@@ -76,6 +95,10 @@ class _Snapshot:
                     p.data = p.data.to(device=device, dtype=dtype)
                     moved += 1
                 p.requires_grad_(flag)
+            for b, device, dtype in self.buffers:
+                if b.device != device or b.dtype != dtype:
+                    b.data = b.data.to(device=device, dtype=dtype)
+                    moved += 1
         if moved:
             repaired.append(f"moved {moved} parameters back to their device/dtype")
         for m, flag in self.training:
@@ -197,12 +220,13 @@ class WebUIHost:
         else:
             _undo_merged_lora(sd_model)
         model_id = id(sd_model)
-        snap = _Snapshot(sd_model)
-        for p in sd_model.parameters():
+        root = model_roots(sd_model)
+        snap = _Snapshot(root)
+        for p in root.parameters():
             p.requires_grad_(False)
         bundle = None
         try:
-            bundle = WebUIBundle(sd_model, device=_device(sd_model), v_pred=v_pred, medvram=medvram)
+            bundle = WebUIBundle(sd_model, device=_device(root), v_pred=v_pred, medvram=medvram)
             bundle.notes[:0] = self.notes
             if precision and _DTYPES.get(precision) not in (None, bundle.dtype):
                 bundle.notes.append(f"precision {precision} ignored: the Web-UI's model stays in {str(bundle.dtype).replace('torch.', '')} (trained in place)")
@@ -254,13 +278,13 @@ class WebUIHost:
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def _device(sd_model: Any) -> torch.device:
+def _device(root: nn.Module) -> torch.device:
     try:
         from modules import devices
 
         return torch.device(devices.device)
     except (ImportError, AttributeError):
-        return next(sd_model.parameters()).device
+        return next(root.parameters()).device
 
 
 def _clear_cond_cache() -> None:
@@ -273,7 +297,7 @@ def _clear_cond_cache() -> None:
     StableDiffusionProcessing.cached_uc = [None, None]
 
 
-def _undo_merged_lora(sd_model: nn.Module) -> None:
+def _undo_merged_lora(sd_model: Any) -> None:
     """Put back weights the built-in Lora extension merged at the last generation.
 
     Raises:

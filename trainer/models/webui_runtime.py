@@ -332,7 +332,10 @@ class WebUIBundle:
             h, w = x.shape[-2] * self.vae_scale_factor, x.shape[-1] * self.vae_scale_factor
             size = sdxl_size_embedding(x.shape[0], h, w, self.size_dim, self.device)
             y = torch.cat([cond.pooled.to(self.device, torch.float32), size], dim=1).to(self.dtype)
-        half = self.dtype in (torch.float16, torch.bfloat16) and self.device.type in ("cuda", "cpu")
+        # half weights run under autocast, as the Web-UI runs them at inference
+        half = (self.device.type == "cuda" and self.dtype in (torch.float16, torch.bfloat16)) or (
+            self.device.type == "cpu" and self.dtype == torch.bfloat16
+        )
         amp = torch.autocast(self.device.type, dtype=self.dtype) if half else nullcontext()
         with amp:
             if self.forge:
