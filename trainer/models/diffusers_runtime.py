@@ -1,0 +1,250 @@
+"""The standalone model runtime: ``load_bundle`` and ``DiffusersBundle`` (the ModelBundle on diffusers).
+
+Prompts are encoded as inference does: SD1/SD2 take the last hidden state after the final norm of
+their encoder (SD2's shipped encoder has 23 of OpenCLIP's 24 layers, i.e. the penultimate layer), SDXL
+concatenates the penultimate hidden states of both encoders and adds TE2's pooled projection. Prompts
+longer than 75 tokens are split into 75-token chunks, each framed as BOS + tokens + EOS + pad (77), and
+concatenated like A1111; a batch is padded to its longest prompt with empty chunks.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from trainer.errors import InputError, MissingPackage
+from trainer.models.bundle import Cond, Family, UNetShape
+from trainer.models.components import Components, compute_alphas_cumprod
+from trainer.models.ldm import unet_shape
+from trainer.models.tokenizer import PAD_CLIP, PAD_OPEN_CLIP, tokenizer_for
+
+CHUNK_TOKENS = 75
+
+
+def pick_device(preference: str | torch.device | None = None) -> torch.device:
+    """The given device, else cuda -> mps -> cpu."""
+    if preference is not None:
+        return torch.device(preference)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+class DiffusersBundle:
+    """A diffusers model ready for adapter training (implements ``ModelBundle``).
+
+    Args:
+        components: the loaded parts (kept as ``self.components`` for saving).
+        device: where training runs.
+        dtype: dtype of the frozen weights; ``torch.int8`` quantises U-Net linears to weight-only int8
+            (torchao) and computes in bfloat16.
+    """
+
+    layout = "diffusers"
+
+    def __init__(self, components: Components, *, device: torch.device, dtype: torch.dtype) -> None:
+        self.components = components
+        self.family: Family = components.family
+        self.v_pred: bool = components.v_pred
+        self.name: str = components.name
+        self.device = device
+        quantise = dtype == torch.int8
+        self.dtype: torch.dtype = torch.bfloat16 if quantise else dtype
+        self.unet: nn.Module = components.unet
+        self.vae: nn.Module = components.vae
+        self.unet_shape: UNetShape = unet_shape(dict(self.unet.config))
+        self.vae_scale_factor: int = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.alphas_cumprod = compute_alphas_cumprod(components.scheduler).to(device)
+        tes = components.text_encoders
+        keys = ("lora_te",) if len(tes) == 1 else ("lora_te1", "lora_te2")
+        self.text_encoders: dict[str, nn.Module] = dict(zip(keys, tes, strict=True))
+        open_pads = {Family.SD1: (PAD_CLIP,), Family.SD2: (PAD_OPEN_CLIP,), Family.SDXL: (PAD_CLIP, PAD_OPEN_CLIP)}
+        self.tokenizers = [tokenizer_for(te.config.vocab_size, pad) for te, pad in zip(tes, open_pads[self.family], strict=True)]
+        # SDXL's VAE overflows in fp16 (config force_upcast): keep it in float32 then
+        upcast = self.dtype == torch.float16 and bool(getattr(self.vae.config, "force_upcast", False))
+        self.vae_dtype = torch.float32 if upcast else self.dtype
+        for module in (self.unet, *tes):
+            _freeze(module, device, self.dtype)
+        _freeze(self.vae, device, self.vae_dtype)
+        if quantise:
+            _quantise_int8(self.unet)
+
+    # -- text ---------------------------------------------------------------------------------------
+    def _chunk_ids(self, tokenizer: Any, prompts: Sequence[str]) -> torch.Tensor:
+        """(B, n_chunks * 77) ids: 75-token chunks, each BOS + tokens + EOS + pad; short rows get empty chunks."""
+        raw = [tokenizer(p, add_special_tokens=False, truncation=False, verbose=False)["input_ids"] for p in prompts]
+        chunks = [[ids[i : i + CHUNK_TOKENS] for i in range(0, len(ids), CHUNK_TOKENS)] or [[]] for ids in raw]
+        count = max(len(c) for c in chunks)
+        bos, eos, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
+        rows = []
+        for row in chunks:
+            row = row + [[]] * (count - len(row))
+            rows.append([t for c in row for t in [bos, *c, eos] + [pad] * (CHUNK_TOKENS - len(c))])
+        return torch.tensor(rows, dtype=torch.long)
+
+    def encode_prompts(self, prompts: Sequence[str]) -> Cond:
+        """Encode prompts as inference does (gradients flow when TE adapters train).
+
+        Returns:
+            ``Cond`` with context (B, 77 * chunks, D) and, for SDXL, pooled (B, P) from the first chunk.
+        """
+        encoders = list(self.text_encoders.values())
+        ids = [self._chunk_ids(tok, prompts) for tok in self.tokenizers]
+        count = max(i.shape[1] for i in ids) // 77
+        batch = len(prompts)
+        states, pooled = [], None
+        for te, row_ids in zip(encoders, ids, strict=True):
+            te_device = next(te.parameters()).device
+            flat = row_ids.view(batch * count, 77).to(te_device)
+            if self.family is Family.SDXL:
+                out = te(flat, output_hidden_states=True)
+                hidden = out.hidden_states[-2]
+                if hasattr(out, "text_embeds"):
+                    pooled = out.text_embeds.view(batch, count, -1)[:, 0]
+            else:
+                hidden = te(flat).last_hidden_state
+            states.append(hidden.reshape(batch, count * 77, -1).to(self.device))
+        context = torch.cat(states, dim=-1)
+        return Cond(context, None if pooled is None else pooled.to(self.device))
+
+    # -- images ---------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """(B, 3, H, W) in [-1, 1] -> scaled latent samples (B, C, H/8, W/8), float32, on ``device``."""
+        vae_device = next(self.vae.parameters()).device
+        dist = self.vae.encode(pixels.to(vae_device, self.vae_dtype)).latent_dist
+        sample = dist.sample(generator=generator)
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        latents = (sample.float() - shift) * float(self.vae.config.scaling_factor)
+        return latents.to(self.device)
+
+    # -- denoiser -------------------------------------------------------------------------------------
+    def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Cond) -> torch.Tensor:
+        """Run the U-Net; returns float32. SDXL size conditioning is the pixel size of ``noisy``
+        ([h, w, 0, 0, h, w] with h, w = latent size x vae_scale_factor: a full, uncropped image)."""
+        added = None
+        if self.family is Family.SDXL:
+            assert cond.pooled is not None, "SDXL needs a pooled text embedding"
+            h, w = (s * self.vae_scale_factor for s in noisy.shape[-2:])
+            time_ids = torch.tensor([h, w, 0, 0, h, w], device=self.device, dtype=self.dtype)
+            added = {"text_embeds": cond.pooled.to(self.device, self.dtype),
+                     "time_ids": time_ids.expand(noisy.shape[0], 6)}
+        out = self.unet(noisy.to(self.device, self.dtype), timesteps.to(self.device),
+                        encoder_hidden_states=cond.context.to(self.device, self.dtype),
+                        added_cond_kwargs=added, return_dict=False)[0]
+        return out.float()
+
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        """Non-reentrant activation checkpointing of the U-Net blocks (reentrant breaks LoRA grads)."""
+        if enabled:
+            self.unet.enable_gradient_checkpointing(gradient_checkpointing_func=_checkpoint_non_reentrant)
+        else:
+            self.unet.disable_gradient_checkpointing()
+
+    def offload(self, *parts: str) -> None:
+        """Move ``"vae"`` and/or ``"text_encoders"`` to the CPU.
+
+        Raises:
+            ValueError: an unknown part name.
+        """
+        for part in parts:
+            if part == "vae":
+                self.vae.to("cpu")
+            elif part == "text_encoders":
+                for te in self.text_encoders.values():
+                    te.to("cpu")
+            else:
+                raise ValueError(f"unknown part '{part}' (vae, text_encoders)")
+
+
+def _checkpoint_non_reentrant(module: nn.Module, *args: Any) -> Any:
+    from torch.utils.checkpoint import checkpoint
+
+    return checkpoint(module.__call__, *args, use_reentrant=False)
+
+
+def _freeze(module: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """Frozen weights: no grad, eval mode, on ``device`` in ``dtype`` (SDPA attention is diffusers' default)."""
+    module.requires_grad_(False)
+    module.eval()
+    nn.Module.to(module, device=device, dtype=dtype)  # diffusers' own .to() warns about fp32 modules
+
+
+def _quantise_int8(unet: nn.Module) -> None:
+    """Weight-only int8 U-Net linears through torchao."""
+    try:
+        from torchao.quantization import quantize_
+    except ImportError as err:
+        raise MissingPackage("torchao", "train_model_precision 'int8'") from err
+    try:
+        from torchao.quantization import Int8WeightOnlyConfig
+
+        config: Any = Int8WeightOnlyConfig()
+    except ImportError:  # torchao < 0.9 names it as a function
+        from torchao.quantization import int8_weight_only
+
+        config = int8_weight_only()
+    quantize_(unet, config)
+
+
+def load_bundle(model: str, vae: str | None = None, *, device: torch.device | str | None = None,
+                dtype: torch.dtype = torch.float32, v_pred: bool | None = None) -> DiffusersBundle:
+    """Load a model for training, fully offline.
+
+    Args:
+        model: a built-in name (``tiny-sd1``, ``tiny-sd2v``, ``tiny-sdxl``, ``small-sd1``, ``sd15-random``,
+            ``sdxl-random``), a single-file checkpoint (``.safetensors``; ``.ckpt``/``.pt`` only if they
+            load with ``weights_only=True``) or a diffusers folder.
+        vae: optional VAE file or folder that replaces the model's VAE (strictly).
+        device: where to train; None picks cuda -> mps -> cpu.
+        dtype: frozen-weight dtype (float32, float16, bfloat16, or int8 for torchao weight-only int8).
+        v_pred: force v-prediction on or off; None uses what the model says (marker key, scheduler
+            config, or the SD2 probe).
+
+    Returns:
+        A ``DiffusersBundle``.
+
+    Raises:
+        InputError: missing path, not a checkpoint, unsupported model, unfitting VAE.
+        MissingPackage: int8 without torchao.
+    """
+    from trainer.models.checkpoint import load_diffusers_folder, load_single_file, load_vae
+    from trainer.models.tiny import BUILTIN_NAMES, build_builtin
+
+    target = pick_device(device)
+    if dtype == torch.int8:
+        _quantise_int8_available()
+    if model in BUILTIN_NAMES:
+        parts = build_builtin(model, device=target, dtype=torch.bfloat16 if dtype == torch.int8 else dtype)
+    elif os.path.isdir(model):
+        parts = load_diffusers_folder(model)
+    elif os.path.isfile(model):
+        parts = load_single_file(model)
+    else:
+        raise InputError(model, f"not found; give a built-in name ({', '.join(BUILTIN_NAMES)}), "
+                                "a .safetensors checkpoint or a diffusers folder")
+    if vae:
+        parts.vae = load_vae(vae, parts.configs()["vae"], parts.family)
+    if parts.vae is None:
+        raise InputError(model, "has no VAE weights; choose a VAE file in the vae field")
+    if v_pred is not None:
+        parts.v_pred = v_pred
+        parts.scheduler = {**parts.scheduler, "prediction_type": "v_prediction" if v_pred else "epsilon"}
+    if parts.name == "model":
+        parts.name = Path(model).stem
+    return DiffusersBundle(parts, device=target, dtype=dtype)
+
+
+def _quantise_int8_available() -> None:
+    """Fail before loading anything when int8 is asked for without torchao."""
+    try:
+        import torchao  # noqa: F401
+    except ImportError as err:
+        raise MissingPackage("torchao", "train_model_precision 'int8'") from err
