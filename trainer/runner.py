@@ -32,8 +32,14 @@ def run_job(
     stop: Callable[[], str | None] = lambda: None,
     logs_root: Path | None = None,
     json_root: Path | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    grad_sync: Callable | None = None,
 ) -> dict[str, Any]:
     """Train one job and return the structured result.
+
+    Args:
+        rank, world_size, grad_sync: data-parallel context (``trainer.distributed``); defaults: one process.
 
     Returns:
         ``{"status", "message", "lora_path", "steps", "final_loss", "seconds", "seed", "effect", ...}``;
@@ -58,16 +64,19 @@ def run_job(
                      bool(settings.save_overwrite), logs_root if settings.logging_save_csv else None)
     out.check_free(recipe.planned_suffixes(settings))
     snapshot = None
-    if settings.save_as_json and json_root is not None:
+    if settings.save_as_json and json_root is not None and rank == 0:
         from trainer.presets import write_snapshot
 
         snapshot = write_snapshot(settings, json_root)
     model = settings.model or host.default_model()
     with host.acquire(model, settings.vae, precision=settings.train_model_precision,
                       v_pred=True if settings.model_v_pred else None) as bundle:
-        ctx = RunContext.create(settings, bundle, events, stop, out, seed)
+        ctx = RunContext.create(settings, bundle, events, stop, out, seed, rank=rank, world_size=world_size,
+                                grad_sync=grad_sync)
+        for note in getattr(bundle, "notes", ()):  # what the host could not do (e.g. TE training on OpenCLIP)
+            ctx.note(note)
         outcome = recipe.run(ctx)
-    for path, sidecar in outcome.saved:
+    for path, sidecar in outcome.saved if rank == 0 else ():
         host.on_saved(path, sidecar if settings.save_sidecar_json else None)
     seconds = time.perf_counter() - started
     result = {

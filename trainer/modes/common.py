@@ -193,6 +193,7 @@ def train_pass(
     max_grad_norm: float = 0.0,
     pass_index: int = 1,
     epoch: Callable[[], int] = lambda: 0,
+    after_backward: Callable[[list[torch.Tensor]], None] | None = None,
 ) -> PassResult:
     """Run exactly ``total_steps`` optimizer steps of ``loss_step`` (N, not N+1).
 
@@ -202,6 +203,7 @@ def train_pass(
         schedule: a ``Schedule`` from trainer.schedules (stepped once per step with the raw loss).
         stop: returns None, ``"stop"`` or ``"save"`` (checked after every step).
         save: writes the network; ``save(step)`` for step files, returns the path.
+        after_backward: called with the trainable parameters after backward (DDP gradient averaging).
 
     Raises:
         StopTraining: the loss became NaN or infinite (the last periodic save is kept).
@@ -224,6 +226,8 @@ def train_pass(
             kept = f"; the last good save is {last_save}" if last_save else ""
             raise StopTraining(f"loss became {value} at step {step}; lower train_learning_rate or use bf16/fp32{kept}")
         scaler.scale(loss).backward()
+        if after_backward is not None:
+            after_backward(params)
         # clip after unscaling so the threshold is in real gradient units
         if max_grad_norm > 0:
             scaler.unscale_(opt)

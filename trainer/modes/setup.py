@@ -73,13 +73,18 @@ class RunContext:
     started_at: float = field(default_factory=time.time)
     notes: list[str] = field(default_factory=list)
     files: list[tuple[Path, dict[str, Any] | None]] = field(default_factory=list)  # written by earlier passes
+    rank: int = 0  # data-parallel rank (torchrun); only rank 0 writes files and logs
+    world_size: int = 1
+    grad_sync: Callable[[list[torch.Tensor]], None] | None = None
 
     @staticmethod
-    def create(settings, bundle, events: Events, stop, out: OutputPlan, seed: int) -> RunContext:
+    def create(settings, bundle, events: Events, stop, out: OutputPlan, seed: int, *, rank: int = 0,
+               world_size: int = 1, grad_sync=None) -> RunContext:
         seed_everything(seed)
         precision = resolve_precision(settings.train_model_precision, settings.train_lora_precision, bundle.device,
                                       bool(getattr(settings, "train_full_bf16", False)))
-        ctx = RunContext(settings, bundle, events, stop, out, seed, precision, NoiseSchedule(bundle.alphas_cumprod))
+        ctx = RunContext(settings, bundle, events, stop, out, seed, precision, NoiseSchedule(bundle.alphas_cumprod),
+                         rank=rank, world_size=world_size, grad_sync=grad_sync)
         for note in precision.notes:
             ctx.note(note)
         return ctx
@@ -89,10 +94,15 @@ class RunContext:
         self.events.warning(text)
 
     def generator(self, offset: int = 0) -> torch.Generator:
-        """A device generator for noise/timesteps, seeded from the job seed (the global RNG is not used)."""
+        """A device generator for noise/timesteps, seeded from the job seed (the global RNG is not used);
+        each data-parallel rank draws its own stream."""
         gen = torch.Generator(device=self.bundle.device)
-        gen.manual_seed((self.seed + offset) % 2**63)
+        gen.manual_seed((self.seed + offset + 1_000_003 * self.rank) % 2**63)
         return gen
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
 
     def loss_fn(self, s) -> DenoiseLoss:
         return DenoiseLoss(s.train_loss_function, float(s.train_snr_gamma), bool(self.bundle.v_pred), self.noise)
@@ -191,6 +201,8 @@ def save_network(ctx: RunContext, s, network, path: Path, *, steps: int, extra: 
     """Write ``network`` to ``path`` (atomic, finite-checked) with metadata; adapters in eval for saving."""
     from trainer.network import save_lora
 
+    if not ctx.is_main:  # data parallel: every rank holds the same adapters, rank 0 writes them
+        return path
     suffix = path.stem[len(ctx.out.name):]
     metadata = make_metadata(ctx, s, network, suffix=suffix, steps=steps, extra=extra)
     state = network.kohya_state_dict(dtype=save_dtype(s.save_precision), strength=float(s.network_strength))
@@ -238,7 +250,7 @@ def run_pass(
         return str(path)
 
     sink = None
-    if ctx.out.logs_root is not None:
+    if ctx.out.logs_root is not None and ctx.is_main:
         sink = CsvSink(csv_path(ctx.out.logs_root, ctx.out.name, ctx.out.stamp, csv_suffix), _csv_header(ctx, s), pass_index)
         ctx.events.add(sink)
     params = {g["name"]: sum(p.numel() for p in g["params"]) for g in network.param_groups(1.0, 1.0)}
@@ -249,6 +261,7 @@ def run_pass(
             loss_step, total_steps=total, optimizer=optimizer, schedule=schedule, precision=ctx.precision,
             events=ctx.events, stop=ctx.stop, save=save, save_every=int(s.save_per_steps),
             max_grad_norm=float(getattr(s, "train_max_grad_norm", 0) or 0), pass_index=pass_index, epoch=epoch,
+            after_backward=ctx.grad_sync,
         )
     finally:
         if sink is not None:
