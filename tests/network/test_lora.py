@@ -1,6 +1,6 @@
 """Adapter properties, table-driven over algorithms × module kinds (style R25).
 
-Covers lora.py, loha.py, adapter.py and patching.py: zero multiplier is the base exactly, patched
+Covers lora.py, loha.py, lokr.py, dora.py, adapter.py and patching.py: zero multiplier is the base exactly, patched
 forward equals merged weights, detach restores the original forward in any order, host class-level
 patches installed after attach still run.
 """
@@ -8,15 +8,25 @@ patches installed after attach still run.
 from __future__ import annotations
 
 import copy
+import functools
 
 import pytest
 import torch
 from torch import nn
 
-from trainer.network import LoHaModule, LoRAModule
+from trainer.errors import SettingsError
+from trainer.network import DoRAModule, LoHaModule, LoKrModule, LoRAModule
+from trainer.network.functional import column_norm
 from trainer.network.patching import patches_of
 
-ALGOS = {"lierla": LoRAModule, "c3lier": LoRAModule, "loha": LoHaModule}
+ALGOS = {
+    "lierla": LoRAModule,
+    "c3lier": LoRAModule,
+    "loha": LoHaModule,
+    "lokr": LoKrModule,  # rank 4 on these small layers: full w2
+    "lokr_split": functools.partial(LoKrModule, full_w2=False),  # w2 = w2_a @ w2_b
+    "dora": DoRAModule,
+}
 KINDS = {
     "linear": lambda: nn.Linear(12, 10),
     "conv1x1": lambda: nn.Conv2d(6, 8, 1),
@@ -223,3 +233,61 @@ def test_detach_all_and_hand_removed_wrapper_recover():
     _randomize(second)
     second.attach()
     torch.testing.assert_close(base(x), nn.Linear.forward(base, x) + second.forward_delta(x))
+
+
+@pytest.mark.parametrize(("kind", "w1", "w2_keys", "scale"), [
+    ("linear", (2, 3), {"lokr_w2": (5, 4)}, 1.0),
+    ("conv1x1", (2, 2), {"lokr_w2": (4, 3, 1, 1)}, 1.0),
+    ("conv3x3_stride", (2, 2), {"lokr_w2": (4, 3, 3, 3)}, 1.0),
+])
+def test_lokr_shapes_follow_lycoris_factorisation(kind, w1, w2_keys, scale):
+    torch.manual_seed(0)
+    adapter = LoKrModule("lora_unet_x", KINDS[kind](), 4, 2.0)
+    shapes = {k: tuple(v.shape) for k, v in adapter.state_dict().items() if k != "alpha"}
+    assert shapes == {"lokr_w1": w1, **w2_keys}
+    assert adapter.scale == scale  # a full w2 is applied unscaled by every loader
+
+
+def test_lokr_split_w2_and_factor():
+    base = nn.Linear(320, 640)
+    adapter = LoKrModule("lora_unet_x", base, 4, 2.0)
+    shapes = {k: tuple(v.shape) for k, v in adapter.state_dict().items()}
+    # 640 = 20·32 (most square), 320 = 16·20; rank 4 < max(32, 20) / 2 → w2 split, scale alpha / rank
+    assert shapes == {"alpha": (), "lokr_w1": (20, 16), "lokr_w2_a": (32, 4), "lokr_w2_b": (4, 20)}
+    assert adapter.scale == 0.5
+    assert torch.count_nonzero(adapter.lokr_w2_b) == 0 and torch.count_nonzero(adapter.lokr_w1) > 0
+    factored = LoKrModule("lora_unet_x", base, 4, 2.0, factor=8)
+    assert tuple(factored.lokr_w1.shape) == (8, 8) and tuple(factored.lokr_w2_a.shape) == (80, 4)
+    assert tuple(factored.lokr_w2_b.shape) == (4, 40)
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_dora_magnitude_layout_and_renormalised_columns(kind):
+    base, adapter = _make("dora", kind)
+    in_dim = base.weight.shape[1]
+    expected_shape = (1, in_dim) if kind == "linear" else (1, in_dim, 1, 1)
+    assert tuple(adapter.dora_scale.shape) == expected_shape  # wd_on_output=False: what A1111 1.10 applies
+    torch.testing.assert_close(adapter.dora_scale, column_norm(base.weight))
+    _randomize(adapter)
+    merged = base.weight + adapter.delta_weight()
+    # every input column of the merged weight has exactly the learned magnitude
+    torch.testing.assert_close(column_norm(merged), adapter.dora_scale.abs(), atol=1e-5, rtol=1e-5)
+
+
+def test_dora_refuses_to_bake_a_strength():
+    _, adapter = _make("dora", "linear")
+    with pytest.raises(SettingsError) as err:
+        adapter.scale_for_strength({}, 0.5)
+    assert err.value.key == "network_strength"
+
+
+@pytest.mark.parametrize("algo", ["lokr", "lokr_split", "loha", "c3lier"])
+def test_strength_scaling_scales_delta(algo):
+    base, adapter = _make(algo, "conv3x3_stride")
+    _randomize(adapter)
+    scaled = adapter.scale_for_strength({k: v.clone() for k, v in adapter.state_dict().items()}, 0.3)
+    _, other = _make(algo, "conv3x3_stride", seed=1)
+    other.__dict__["base"] = base
+    other.load_state_dict(scaled)
+    other.refresh_scale()
+    torch.testing.assert_close(other.delta_weight(), 0.3 * adapter.delta_weight(), atol=1e-6, rtol=1e-5)

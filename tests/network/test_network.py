@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trainer.errors import MissingPackage, SettingsError
+from trainer.errors import SettingsError
 from trainer.network import (
     NetworkSpec,
     build_network,
@@ -14,7 +14,7 @@ from trainer.network import (
     save_lora,
 )
 
-TYPES = ["lierla", "c3lier", "loha"]
+TYPES = ["lierla", "c3lier", "loha", "lokr", "dora"]
 
 
 @torch.no_grad()
@@ -58,8 +58,11 @@ def test_save_load_into_fresh_network_gives_same_output(run, sd1_bundle, base_ou
     report = load_network_weights(fresh, path)
     assert len(report.matched) == len(fresh.adapters) and not (report.missing or report.unexpected or report.shape_mismatch)
     resumed = network_from_file(sd1_bundle, path)
-    expected_conv = 0 if network_type == "lierla" else 2  # lierla adapts no k×k conv
-    assert (resumed.spec.network_type, resumed.spec.rank, resumed.spec.conv_rank) == (network_type, 4, expected_conv)
+    expected_conv = 0 if network_type in ("lierla", "dora") else 2  # attention-only types adapt no k×k conv
+    assert resumed.spec.network_type == network_type
+    if network_type != "lokr":  # a full LoKr w2 (rank ≥ half its size) carries no rank
+        assert (resumed.spec.rank, resumed.spec.conv_rank) == (4, expected_conv)
+    assert {type(a) for a in resumed.adapters.values()} == {type(a) for a in net.adapters.values()}
     assert set(resumed.adapters) == set(net.adapters)
     for other in (fresh, resumed):
         other.attach()
@@ -147,7 +150,7 @@ def test_summary_and_state_dict_keys(sd1_bundle):
     assert all(k.startswith(("lora_unet_", "lora_te_text_model_")) for k in sd)
 
 
-@pytest.mark.parametrize("network_type", TYPES)
+@pytest.mark.parametrize("network_type", [t for t in TYPES if t != "dora"])
 def test_strength_scales_saved_delta(sd1_bundle, base_out, network_type):
     net = build_network(sd1_bundle, NetworkSpec(network_type, 4, 4, blocks=("M00",)))
     _randomize(net)
@@ -157,6 +160,14 @@ def test_strength_scales_saved_delta(sd1_bundle, base_out, network_type):
         torch.testing.assert_close(scaled.adapters[name].delta_weight(), 4 * adapter.delta_weight(), atol=1e-6, rtol=1e-4)
     alphas = {k: v for k, v in net.kohya_state_dict(torch.float32, strength=4.0).items() if k.endswith("alpha")}
     assert alphas and all(float(v) == 4.0 for v in alphas.values())  # alpha is never scaled
+
+
+def test_dora_strength_is_refused_at_save(sd1_bundle):
+    net = build_network(sd1_bundle, NetworkSpec("dora", 4, 4, blocks=("M00",)))
+    assert net.kohya_state_dict(torch.float32, strength=1.0)
+    with pytest.raises(SettingsError) as err:
+        net.kohya_state_dict(torch.float32, strength=0.5)
+    assert err.value.key == "network_strength"
 
 
 def test_load_reports_mismatch_missing_unexpected(sd1_bundle):
@@ -200,14 +211,20 @@ def test_family_mismatch_names_both(sd1_bundle, sdxl_bundle, tmp_path):
     assert len(network_from_file(sdxl_bundle, bare).adapters) == len(net.adapters)
 
 
-@pytest.mark.parametrize("network_type", ["lokr", "dora"])
-def test_lycoris_types_need_the_package(sd1_bundle, network_type):
-    try:
-        import lycoris  # noqa: F401
-    except ImportError:
-        with pytest.raises(MissingPackage) as err:
-            build_network(sd1_bundle, NetworkSpec(network_type, 4, 4))
-        assert err.value.package == "lycoris-lora" and network_type in err.value.feature
-    else:  # pragma: no cover - depends on the environment
-        with pytest.raises(SettingsError):
-            build_network(sd1_bundle, NetworkSpec(network_type, 4, 4))
+@pytest.mark.parametrize(("network_type", "suffixes", "count"), [
+    ("lokr", {"lokr_w1", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "alpha"}, 91),  # the c3lier modules
+    ("dora", {"lora_down.weight", "lora_up.weight", "alpha", "dora_scale"}, 60),  # the lierla modules
+])
+def test_lokr_and_dora_build_without_lycoris(sd1_bundle, network_type, suffixes, count, unet_inputs):
+    net = build_network(sd1_bundle, NetworkSpec(network_type, 4, 2, conv_rank=2, conv_alpha=1))
+    assert len(net.adapters) == count
+    state = net.kohya_state_dict(torch.float32)
+    assert {k.partition(".")[2] for k in state} == suffixes
+    args, kwargs = unet_inputs(sd1_bundle)
+    with torch.no_grad():
+        base = sd1_bundle.unet(*args, **kwargs).sample
+        net.attach()
+        try:
+            assert torch.equal(sd1_bundle.unet(*args, **kwargs).sample, base)  # fresh: exact no-op
+        finally:
+            net.detach()

@@ -1,8 +1,10 @@
-"""Adapter networks (LoRA, LoCon, LoHa) over a ModelBundle, and their kohya file format."""
+"""Adapter networks (LoRA, LoCon, LoHa, LoKr, DoRA) over a ModelBundle, and their kohya file format."""
 
 from trainer.network.adapter import Adapter
+from trainer.network.dora import DoRAModule
 from trainer.network.kohya_io import load_lora, precalculate_hashes, read_metadata, save_lora, tensor_data_sha256
 from trainer.network.loha import LoHaModule
+from trainer.network.lokr import LoKrModule
 from trainer.network.lora import LoRAModule
 from trainer.network.metadata import (
     base_model_version,
@@ -24,7 +26,9 @@ __all__ = [
     "ELEMENTS",
     "NETWORK_TYPES",
     "Adapter",
+    "DoRAModule",
     "LoHaModule",
+    "LoKrModule",
     "LoRAModule",
     "LoadReport",
     "Network",

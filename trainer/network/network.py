@@ -11,15 +11,21 @@ from typing import Any
 import torch
 from torch import nn
 
-from trainer.errors import MissingPackage, SettingsError
 from trainer.network.adapter import Adapter
+from trainer.network.dora import DoRAModule
 from trainer.network.loha import LoHaModule
+from trainer.network.lokr import LoKrModule
 from trainer.network.lora import LoRAModule
 from trainer.network.select import SelectionReport, Target, select_targets, summarize
 from trainer.network.spec import NetworkSpec
 
-ALGORITHMS: dict[str, type[Adapter]] = {"lierla": LoRAModule, "c3lier": LoRAModule, "loha": LoHaModule}
-_LYCORIS_ONLY = ("lokr", "dora")
+ALGORITHMS: dict[str, type[Adapter]] = {
+    "lierla": LoRAModule,
+    "c3lier": LoRAModule,
+    "loha": LoHaModule,
+    "lokr": LoKrModule,
+    "dora": DoRAModule,
+}
 
 
 @dataclass(frozen=True)
@@ -203,18 +209,6 @@ def _core_shape(tensor: torch.Tensor) -> tuple[int, ...]:
     return shape if tensor.numel() != 1 else ()
 
 
-def _require_lycoris(network_type: str) -> None:
-    """lokr/dora come from lycoris-lora; we do not ship our own implementation."""
-    try:
-        import lycoris  # noqa: F401
-    except ImportError as err:
-        raise MissingPackage("lycoris-lora", f"network_type '{network_type}'") from err
-    raise SettingsError(
-        "network_type",
-        f"'{network_type}' through lycoris-lora is not wired up yet; choose lierla, c3lier or loha",
-    )
-
-
 def build_network(
     bundle: Any, spec: NetworkSpec, *, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None
 ) -> Network:
@@ -230,12 +224,13 @@ def build_network(
         The network; ``network.report`` holds counts and unavailable-block warnings.
 
     Raises:
-        SettingsError: nothing selected (``network_blocks``) or an unsupported type.
-        MissingPackage: ``lokr``/``dora`` without lycoris-lora.
+        SettingsError: nothing selected (``network_blocks``).
     """
-    if spec.network_type in _LYCORIS_ONLY:
-        _require_lycoris(spec.network_type)
     report = select_targets(bundle, spec)
     cls = ALGORITHMS[spec.network_type]
-    adapters = {t.kohya_name: cls(t.kohya_name, t.module, t.rank, t.alpha, dtype=dtype, device=device) for t in report.targets}
+    extra: dict[str, Any] = {"factor": spec.factor} if cls is LoKrModule else {}
+    adapters = {
+        t.kohya_name: cls(t.kohya_name, t.module, t.rank, t.alpha, dtype=dtype, device=device, **extra)
+        for t in report.targets
+    }
     return Network(adapters, spec, report.targets, report)

@@ -10,8 +10,10 @@ import torch
 
 from trainer.errors import SettingsError
 from trainer.network.adapter import Adapter
+from trainer.network.dora import DoRAModule
 from trainer.network.kohya_io import load_lora
 from trainer.network.loha import LoHaModule
+from trainer.network.lokr import LoKrModule
 from trainer.network.lora import LoRAModule
 from trainer.network.network import LoadReport, Network
 from trainer.network.select import Target, candidate_targets
@@ -53,9 +55,18 @@ def _check_family(bundle: Any, path: str, family: str | None) -> None:
 
 def _adapter_from_tensors(target: Target, tensors: dict[str, torch.Tensor], **kwargs: Any) -> Adapter | None:
     """An adapter shaped like the file's tensors for ``target``, or None when the file has none."""
-    cls = LoHaModule if "hada_w1_b" in tensors else LoRAModule if "lora_down.weight" in tensors else None
-    if cls is None:
-        return None
+    if "lokr_w1" in tensors:
+        rank = LoKrModule.rank_from_tensors(tensors)
+        alpha = float(tensors["alpha"]) if "alpha" in tensors else float(rank)
+        w1_shape = tuple(tensors["lokr_w1"].shape)
+        full = "lokr_w2" in tensors
+        return LoKrModule(target.kohya_name, target.module, rank, alpha, w1_shape=w1_shape, full_w2=full, **kwargs)
+    if "hada_w1_b" in tensors:
+        cls: type[Adapter] = LoHaModule
+    elif "lora_down.weight" in tensors:
+        cls = DoRAModule if "dora_scale" in tensors else LoRAModule
+    else:
+        return None  # e.g. LoKr with a split w1 or Tucker cores: reported as unexpected keys
     rank = cls.rank_from_tensors(tensors)
     alpha = float(tensors["alpha"]) if "alpha" in tensors else float(rank)
     return cls(target.kohya_name, target.module, rank, alpha, **kwargs)
@@ -66,7 +77,10 @@ def _spec_of(bundle: Any, adapters: dict[str, Adapter], fallback: NetworkSpec | 
     algos = {a.algo for a in adapters.values()}
     attention = {t.kohya_name for t in candidate_targets(bundle, NetworkSpec("lierla", 1, 1))}
     beyond_attention = any(name not in attention for name in adapters)
-    network_type = "loha" if "loha" in algos else "c3lier" if beyond_attention else "lierla"
+    if algos & {"loha", "lokr", "dora"}:
+        network_type = next(a for a in ("loha", "lokr", "dora") if a in algos)
+    else:
+        network_type = "c3lier" if beyond_attention else "lierla"
     linear = Counter((a.rank, float(a.alpha)) for a in adapters.values() if a.kind != "conv")
     conv = Counter((a.rank, float(a.alpha)) for a in adapters.values() if a.kind == "conv")
     rank, alpha = linear.most_common(1)[0][0] if linear else conv.most_common(1)[0][0]

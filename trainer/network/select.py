@@ -24,7 +24,8 @@ from trainer.network.spec import BLOCK_IDS, NetworkSpec
 _TRANSFORMERS = frozenset({"Transformer2DModel", "SpatialTransformer", "SpatialTransformerV2"})
 _RESNETS = frozenset({"ResnetBlock2D", "ResBlock"})
 _SAMPLERS = frozenset({"Downsample2D", "Upsample2D", "Downsample", "Upsample"})
-_CONTAINERS = {"lierla": _TRANSFORMERS}
+# DoRA is an attention LoRA with magnitudes: it selects like lierla (the UI offers it the same blocks)
+_CONTAINERS = {"lierla": _TRANSFORMERS, "dora": _TRANSFORMERS}
 _FULL_CONTAINERS = _TRANSFORMERS | _RESNETS | _SAMPLERS
 _TE_LEAF = re.compile(r"(?:^|\.)layers\.\d+\.(?:self_attn\.(?:q_proj|k_proj|v_proj|out_proj)|mlp\.(?:fc1|fc2))$")
 _ELEMENT_SEGMENT = {"CrossAttention": "attn2", "SelfAttention": "attn1"}

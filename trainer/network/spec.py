@@ -19,7 +19,8 @@ class NetworkSpec:
 
     Args:
         network_type: ``lierla`` (attention LoRA), ``c3lier`` (LoCon: + ResNet and sampler convs),
-            ``loha``; ``lokr``/``dora`` need lycoris-lora.
+            ``loha``, ``lokr`` (Kronecker) or ``dora`` (attention LoRA with learned column magnitudes);
+            all five are our own implementations (no lycoris-lora needed).
         rank: rank of Linear and 1×1 conv adapters.
         alpha: their alpha (scale = alpha / rank; 0 means alpha = rank).
         conv_rank: rank of k>1 conv adapters; 0 → ``rank``.
@@ -27,6 +28,7 @@ class NetworkSpec:
         blocks: selected block IDs (``BASE`` = text encoders, ``IN00``..``OUT11``).
         element: ``Full``, ``CrossAttention`` (attn2 only) or ``SelfAttention`` (attn1 only); empty
             means ``Full`` (what the UI shows for an empty value).
+        factor: LoKr only: the wanted small side of each Kronecker split; -1 = most square (LyCORIS default).
 
     Raises:
         SettingsError: a value outside its legal set, naming the settings key.
@@ -39,6 +41,7 @@ class NetworkSpec:
     conv_alpha: float = 0.0
     blocks: tuple[str, ...] = ALL
     element: str = "Full"
+    factor: int = -1
 
     def __post_init__(self) -> None:
         if self.network_type not in NETWORK_TYPES:
@@ -63,6 +66,10 @@ class NetworkSpec:
         object.__setattr__(self, "conv_rank", int(self.conv_rank))
         object.__setattr__(self, "alpha", float(self.alpha))
         object.__setattr__(self, "conv_alpha", float(self.conv_alpha))
+        factor = int(self.factor)
+        if factor == 0 or factor < -1:
+            raise SettingsError("network_lokr_factor", f"must be -1 (most square split) or at least 1, got {self.factor}")
+        object.__setattr__(self, "factor", factor)
 
     @classmethod
     def from_settings(cls, s: Any) -> NetworkSpec:
@@ -76,6 +83,7 @@ class NetworkSpec:
             conv_alpha=getattr(s, "network_conv_alpha", 0.0) or 0.0,
             blocks=tuple(getattr(s, "network_blocks", ALL)),
             element=getattr(s, "network_element", "Full") or "Full",
+            factor=int(getattr(s, "network_lokr_factor", -1) or -1),
         )
 
     def rank_alpha(self, kind: str) -> tuple[int, float]:
