@@ -912,6 +912,11 @@ def parse_set_args(items: list[str]) -> dict[str, Any]:
     layer: dict[str, Any] = {}
     for item in items:
         name, sep, value = item.partition("=")
+        if "(" in name and ")" not in name and ")" in item:
+            # a key such as 'network_blocks(BASE = TextEncoder)' holds '=' itself: split after its ')'
+            close = item.index(")") + 1
+            head, sep, value = item[close:].partition("=")
+            name = item[:close] if not head.strip() else name
         name = name.strip()
         if not sep or not name:
             raise SettingsError(name or item, f"'{item}' is not KEY=VALUE; write e.g. --set network_rank=8")
