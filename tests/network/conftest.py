@@ -1,4 +1,4 @@
-"""Tiny seeded SD1-like and SDXL-like models in both layouts, wrapped in minimal bundles."""
+"""Tiny seeded SD1-, SD2- and SDXL-like models in both layouts, wrapped in minimal bundles."""
 
 from __future__ import annotations
 
@@ -30,20 +30,28 @@ class FakeBundle:
     dtype: torch.dtype = torch.float32
 
 
-def tiny_unet(sdxl: bool = False) -> nn.Module:
+def tiny_unet(sdxl: bool = False, *, sd2: bool = False, layers: int = 1) -> nn.Module:
+    """A seeded tiny U-Net with two levels.
+
+    SD1: 1×1-conv proj_in/out, cross-attention at the first level. SD2: the same layout with Linear
+    proj_in/out, its own cross-attention width (48) and per-level head counts. SDXL: attention at the
+    second level with 1 and 2 transformer layers, Linear projections, text-time embedding.
+    ``layers`` is ``layers_per_block`` (2 = the real models' 3 ldm blocks per level).
+    """
     torch.manual_seed(0)
     if sdxl:
         return diffusers.UNet2DConditionModel(
-            sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+            sample_size=16, in_channels=4, out_channels=4, layers_per_block=layers, block_out_channels=(32, 64),
             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
             cross_attention_dim=80, attention_head_dim=(2, 4), norm_num_groups=32, addition_embed_type="text_time",
             addition_time_embed_dim=8, projection_class_embeddings_input_dim=48 + 6 * 8,
             transformer_layers_per_block=(1, 2), use_linear_projection=True,
         ).eval()
     return diffusers.UNet2DConditionModel(
-        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=layers, block_out_channels=(32, 64),
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=(2, 4), norm_num_groups=32,
+        cross_attention_dim=48 if sd2 else 32, attention_head_dim=(4, 8) if sd2 else (2, 4), norm_num_groups=32,
+        use_linear_projection=sd2,
     ).eval()
 
 
@@ -58,6 +66,7 @@ def tiny_clip(hidden: int = 32, seed: int = 1) -> nn.Module:
 
 SD1_SHAPE = UNetShape(layers_per_block=1, up_has_attention=(False, True))
 SDXL_SHAPE = UNetShape(layers_per_block=1, up_has_attention=(True, False))
+SD2_SHAPE = SD1_SHAPE  # same block layout; SD2 differs inside the attention blocks
 
 
 # -- an ldm/sgm-named view over a diffusers U-Net (same leaf modules, ldm paths and class names) ----------
@@ -130,6 +139,23 @@ def sd1_bundle(sd1_parts):
     return FakeBundle(Family.SD1, "diffusers", SD1_SHAPE, unet, {"lora_te": te})
 
 
+@pytest.fixture(scope="session")
+def sd2_parts():
+    return tiny_unet(sd2=True), tiny_clip(48, 3)
+
+
+@pytest.fixture
+def sd2_bundle(sd2_parts):
+    unet, te = sd2_parts
+    return FakeBundle(Family.SD2, "diffusers", SD2_SHAPE, unet, {"lora_te": te})
+
+
+@pytest.fixture
+def sd2_ldm_bundle(sd2_parts):
+    unet, te = sd2_parts
+    return FakeBundle(Family.SD2, "ldm", SD2_SHAPE, ldm_view(unet, SD2_SHAPE), {"lora_te": te})
+
+
 @pytest.fixture
 def sdxl_bundle(sdxl_parts):
     unet, te1, te2 = sdxl_parts
@@ -157,7 +183,8 @@ def _unet_inputs(bundle: FakeBundle, seed: int = 0) -> tuple[tuple, dict]:
         ctx = torch.randn(1, 7, 80, generator=gen)
         added = {"text_embeds": torch.randn(1, 48, generator=gen), "time_ids": torch.tensor([[128.0, 128, 0, 0, 128, 128]])}
         return (sample, t, ctx), {"added_cond_kwargs": added}
-    return (sample, t, torch.randn(1, 7, 32, generator=gen)), {}
+    width = 48 if bundle.family is Family.SD2 else 32
+    return (sample, t, torch.randn(1, 7, width, generator=gen)), {}
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,6 @@
-"""Saved files load in diffusers (peft) with no unmatched key and give our in-process U-Net output."""
+"""Saved lierla/c3lier files load in diffusers (peft) with no unmatched key and give our in-process
+U-Net and text-encoder outputs. Matrix: SD1 (diffusers names), SD2 (Linear proj_in/out, diffusers
+names), SDXL (sgm names, renumbered by diffusers from the U-Net config) × lierla, c3lier."""
 
 from __future__ import annotations
 
@@ -10,6 +12,9 @@ import torch
 from trainer.network import NetworkSpec, build_network, save_lora
 
 peft = pytest.importorskip("peft")
+
+# kohya TE prefix -> diffusers text-encoder prefix
+_TE_PREFIX = {"lora_te": "text_encoder", "lora_te1": "text_encoder", "lora_te2": "text_encoder_2"}
 
 
 @torch.no_grad()
@@ -24,64 +29,46 @@ def _peft_layers(module: torch.nn.Module) -> int:
 
 
 @pytest.mark.parametrize("network_type", ["lierla", "c3lier"])
-def test_sd1_file_loads_in_diffusers_with_same_output(sd1_bundle, tmp_path, network_type, unet_inputs):
-    from diffusers.loaders import StableDiffusionLoraLoaderMixin
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
+def test_file_loads_in_diffusers_with_same_output(request, tmp_path, family, network_type, unet_inputs):
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin, StableDiffusionXLLoraLoaderMixin
 
-    reference_unet = copy.deepcopy(sd1_bundle.unet)
-    reference_te = copy.deepcopy(sd1_bundle.text_encoders["lora_te"])
-    net = build_network(sd1_bundle, NetworkSpec(network_type, 4, 2, conv_rank=2, conv_alpha=1))
+    bundle = request.getfixturevalue(f"{family}_bundle")
+    mixin = StableDiffusionXLLoraLoaderMixin if family == "sdxl" else StableDiffusionLoraLoaderMixin
+    reference_unet = copy.deepcopy(bundle.unet)
+    reference_tes = {prefix: copy.deepcopy(te) for prefix, te in bundle.text_encoders.items()}
+    net = build_network(bundle, NetworkSpec(network_type, 4, 2, conv_rank=2, conv_alpha=1))
     _randomize(net)
-    path = save_lora(tmp_path / "lora.safetensors", net.kohya_state_dict(torch.float32), {"ss_v2": "False"})
+    path = save_lora(tmp_path / "lora.safetensors", net.kohya_state_dict(torch.float32), {})
+    if any(t.component == "unet" and "input_blocks" in t.kohya_name for t in net.targets):
+        assert family == "sdxl"  # only SDXL is saved in sgm names
 
-    state_dict, alphas = StableDiffusionLoraLoaderMixin.lora_state_dict(str(path))
+    kwargs = {"unet_config": reference_unet.config} if family == "sdxl" else {}
+    state_dict, alphas = mixin.lora_state_dict(str(path), **kwargs)
     unet_keys = [k for k in state_dict if k.startswith("unet.")]
-    te_keys = [k for k in state_dict if k.startswith("text_encoder.")]
-    assert len(unet_keys) + len(te_keys) == len(state_dict)  # every key was converted
+    assert all(k.startswith(("unet.", "text_encoder.", "text_encoder_2.")) for k in state_dict)  # all converted
     reference_unet.load_lora_adapter(state_dict, network_alphas=alphas, prefix="unet", adapter_name="ours")
-    StableDiffusionLoraLoaderMixin.load_lora_into_text_encoder(
-        state_dict, alphas, reference_te, prefix="text_encoder", adapter_name="ours"
-    )
+    for prefix, te in reference_tes.items():
+        mixin.load_lora_into_text_encoder(state_dict, alphas, te, prefix=_TE_PREFIX[prefix], adapter_name="ours")
     num_unet = sum(t.component == "unet" for t in net.targets)
     assert _peft_layers(reference_unet) == num_unet and len(unet_keys) == 2 * num_unet
-    assert _peft_layers(reference_te) == len(net.targets) - num_unet
+    for prefix, te in reference_tes.items():
+        assert _peft_layers(te) == sum(t.component == prefix for t in net.targets) > 0
 
-    args, kwargs = unet_inputs(sd1_bundle)
+    args, kw = unet_inputs(bundle)
     ids = torch.tensor([[0, 5, 17, 2]])
     net.attach()
     try:
         with torch.no_grad():
-            ours = sd1_bundle.unet(*args, **kwargs).sample
-            ours_te = sd1_bundle.text_encoders["lora_te"](ids).last_hidden_state
+            ours = bundle.unet(*args, **kw).sample
+            ours_te = {p: te(ids).last_hidden_state for p, te in bundle.text_encoders.items()}
     finally:
         net.detach()
     with torch.no_grad():
-        theirs = reference_unet(*args, **kwargs).sample
-        theirs_te = reference_te(ids).last_hidden_state
-        base = sd1_bundle.unet(*args, **kwargs).sample
+        theirs = reference_unet(*args, **kw).sample
+        theirs_te = {p: te(ids).last_hidden_state for p, te in reference_tes.items()}
+        base = bundle.unet(*args, **kw).sample
     assert (ours - base).abs().max() > 1e-3
     torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(theirs_te, ours_te, atol=1e-5, rtol=1e-5)
-
-
-def test_sdxl_sgm_file_loads_in_diffusers_with_same_output(sdxl_bundle, tmp_path, unet_inputs):
-    from diffusers.loaders import StableDiffusionXLLoraLoaderMixin
-
-    reference_unet = copy.deepcopy(sdxl_bundle.unet)
-    net = build_network(sdxl_bundle, NetworkSpec("lierla", 4, 2))
-    _randomize(net)
-    path = save_lora(tmp_path / "xl.safetensors", net.kohya_state_dict(torch.float32), {})
-    state_dict, alphas = StableDiffusionXLLoraLoaderMixin.lora_state_dict(
-        str(path), unet_config=reference_unet.config
-    )
-    reference_unet.load_lora_adapter(state_dict, network_alphas=alphas, prefix="unet", adapter_name="ours")
-    assert _peft_layers(reference_unet) == sum(t.component == "unet" for t in net.targets)
-    args, kwargs = unet_inputs(sdxl_bundle)
-    net.attach()
-    try:
-        with torch.no_grad():
-            ours = sdxl_bundle.unet(*args, **kwargs).sample
-    finally:
-        net.detach()
-    with torch.no_grad():
-        theirs = reference_unet(*args, **kwargs).sample
-    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)
+    for prefix in ours_te:
+        torch.testing.assert_close(theirs_te[prefix], ours_te[prefix], atol=1e-5, rtol=1e-5)
