@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from pathlib import Path
 
 import pytest
 
 pytestmark = pytest.mark.browser
-TIMEOUT_MS = 180_000
+TIMEOUT_MS = 300_000
+STEPS = 40
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts" / os.environ.get("TT_ARTIFACT_TAG", "current")
 
 
@@ -53,6 +55,12 @@ def shot(page, name: str) -> None:
     page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
 
 
+def open_tab(page, name: str) -> None:
+    """Click an inner tab's button (``role=tab`` on gradio 4+, ``.tab-nav button`` on 3.41)."""
+    tabs = page.locator("button[role=tab], .tab-nav button")
+    tabs.filter(has_text=re.compile(f"^\\s*{name}\\s*$")).first.click()
+
+
 def load_preset(page, name: str) -> None:
     choose(page, "tt_preset", name)
     page.click("#tt_preset_load")
@@ -74,17 +82,23 @@ def tiny_lora(page, app, name: str, iterations: int = 6) -> None:
 
 
 def test_start_training_shows_progress_and_result(page, app):
-    tiny_lora(page, app, "ui_lora")
-    assert _box(page, "tt_train_iterations").input_value() == "6"
+    tiny_lora(page, app, "ui_lora", iterations=STEPS)
+    assert _box(page, "tt_train_iterations").input_value() == str(STEPS)
     page.click("#tt_start")
     wait_message(page, "Started 'ui_lora'", 30_000)
-    page.wait_for_function(
-        "() => { const s = document.querySelector('#tt_step_text'); return s && /step [1-9]\\d* \\/ 6/.test(s.textContent); }",
-        timeout=TIMEOUT_MS)
-    shot(page, "train-progress")
+    seen = set()
+    while len(seen) < 2:  # the live panel moves: two different mid-run steps
+        page.wait_for_function(
+            "([seen]) => { const s = document.querySelector('.tt-progress:not(.tt-finished) #tt_step_text');"
+            " return s && /step \\d+ \\//.test(s.textContent) && !seen.includes(s.textContent); }",
+            arg=[sorted(seen)], timeout=TIMEOUT_MS)
+        seen.add(page.locator("#tt_step_text").text_content())
+        if len(seen) == 1:
+            shot(page, "train-progress")
     text = wait_message(page, r"ui_lora: Successfully created to \S+ui_lora\.safetensors")
     assert "ui_lora.safetensors" in text
-    assert page.locator("#tt_step_text").text_content().strip() == "step 6 / 6"
+    page.wait_for_function("([t]) => document.querySelector('#tt_step_text')?.textContent.trim() === t",
+                           arg=[f"step {STEPS} / {STEPS}"], timeout=30_000)
     assert page.locator("#tt_live_plot canvas, #tt_live_plot svg").count() > 0
     shot(page, "train-done")
 
@@ -98,20 +112,26 @@ def test_queue_runs_two_jobs_in_order(page, app):
     fill(page, "tt_save_lora_name", "ui_q2")
     page.click("#tt_queue_add")
     wait_message(page, "Added 'ui_q2' to the queue", 30_000)
-    page.click("#tt_tab_queue-button, button:has-text('Queue')")
+    open_tab(page, "Queue")
     page.wait_for_function("() => document.querySelector('#tt_queue_table') && "
                            "document.querySelector('#tt_queue_table').innerText.includes('ui_q2')", timeout=30_000)
     shot(page, "queue-two-waiting")
     page.click("#tt_queue_run")
-    page.wait_for_function(
-        "() => { const t = document.querySelector('#tt_queue_table'); if (!t) return false;"
-        " const rows = [...t.querySelectorAll('tr')].map(r => r.innerText);"
-        " return ['ui_q1', 'ui_q2'].every(n => rows.some(r => r.includes(n) && r.includes('done'))); }",
-        timeout=TIMEOUT_MS)
+    deadline = time.monotonic() + TIMEOUT_MS / 1000
+    while time.monotonic() < deadline and not all(_status(worker, n) == "done" for n in ("ui_q1", "ui_q2")):
+        time.sleep(0.5)
+    done_before = sum(1 for r in worker.records() if r.status == "done")
+    page.wait_for_function(  # the table shows them done too (polled every second)
+        "([n]) => { const t = document.querySelector('#tt_queue_table');"
+        " return t && (t.innerText.match(/\\bdone\\b/g) || []).length >= n; }", arg=[done_before], timeout=30_000)
     shot(page, "queue-done")
     done = {r.name: r for r in worker.records() if r.name in ("ui_q1", "ui_q2")}
     assert done["ui_q1"].status == done["ui_q2"].status == "done"
     assert done["ui_q1"].finished <= done["ui_q2"].started
+
+
+def _status(worker, name: str) -> str | None:
+    return next((r.status for r in worker.records() if r.name == name), None)
 
 
 def test_stop_ends_the_running_job(page, app):
@@ -135,12 +155,13 @@ def test_plot_tab_draws_a_log(page, app):
         tiny_lora(page, app, "ui_plot", iterations=4)
         page.click("#tt_start")
         wait_message(page, "ui_plot: Successfully")
-    page.click("button:has-text('Plot')")
+    open_tab(page, "Plot")
     page.click("#tt_plot_refresh")
     page.wait_for_timeout(500)
-    newest = app["worker"].records()
-    assert newest
-    choose(page, "tt_plot_log", ".csv")
+    from trainer.ui.plotdata import log_choices
+
+    newest = log_choices(app["paths"].logs_root)[0]
+    choose(page, "tt_plot_log", newest)
     page.wait_for_function(
         "() => document.querySelectorAll('#tt_plot_loss canvas, #tt_plot_loss svg').length > 0 &&"
         " document.querySelector('#tt_plot_info') && document.querySelector('#tt_plot_info').innerText.includes('save_lora_name')",

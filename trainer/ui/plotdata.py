@@ -44,7 +44,8 @@ def resolve_log(logs_root: str | os.PathLike[str], name: str) -> Path:
 def _frame(rows: list[tuple[float, float, str]]):
     import pandas as pd
 
-    return pd.DataFrame(rows, columns=list(COLUMNS))
+    # Explicit dtypes: an empty frame must still tell the plot that step/value are numbers.
+    return pd.DataFrame(rows, columns=list(COLUMNS)).astype({"step": "float64", "value": "float64", "series": "object"})
 
 
 def _finite(value: Any) -> bool:

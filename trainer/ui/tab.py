@@ -23,9 +23,8 @@ from trainer.ui.form import BLOCKS_KEY, NO_VAE, USE_PASS2_KEY
 from trainer.ui.widgets import field_widget
 
 ROOT_ID = "traintrain_tab"
-_CONFIRM_JS = (
-    "(x) => [(window.traintrainConfirm || window.confirm)({msg})]"
-)
+# traintrain.js defines traintrainConfirm; without it (gradio 3.41 standalone) the browser's confirm is used.
+_CONFIRM_JS = "(x) => [window.traintrainConfirm ? window.traintrainConfirm({msg}) : window.confirm({msg})]"
 
 
 def _confirm_js(message: str) -> str:
@@ -49,7 +48,6 @@ class TrainTab:
         self.second: dict[str, Any] = {}  # pass-2 widgets by field key (incl. use_2nd_pass_settings)
         self.job: dict[str, Any] = {}     # mode, model, vae, prompts, images by field key
         self.ui: dict[str, Any] = {}      # every other component by role
-        self._last_progress: Any = None   # the last run's final numbers, shown while idle
 
     # ------------------------------------------------------------------ building
 
@@ -161,9 +159,9 @@ class TrainTab:
         with gr.Row(elem_classes=["tt-queue-actions"]):
             ui["queue_job"] = gr.Dropdown(choices=[], label="Job (click a row or pick)", allow_custom_value=True,
                                           elem_id="tt_queue_job", scale=3)
-            ui["queue_up"] = gr.Button("⬆ Up", elem_id="tt_queue_up", scale=0, min_width=80)
-            ui["queue_down"] = gr.Button("⬇ Down", elem_id="tt_queue_down", scale=0, min_width=80)
-            ui["queue_delete"] = gr.Button("🗑 Delete", elem_id="tt_queue_delete", scale=0, min_width=100)
+            ui["queue_up"] = gr.Button("⬆ Up", elem_id="tt_queue_up", scale=0, min_width=120)
+            ui["queue_down"] = gr.Button("⬇ Down", elem_id="tt_queue_down", scale=0, min_width=120)
+            ui["queue_delete"] = gr.Button("🗑 Delete", elem_id="tt_queue_delete", scale=0, min_width=120)
         with gr.Row(elem_classes=["tt-queue-actions"]):
             ui["queue_run"] = gr.Button("▶ Run queue", variant="primary", elem_id="tt_queue_run")
             ui["queue_stop"] = gr.Button("Stop current", variant="stop", elem_id="tt_queue_stop")
@@ -175,7 +173,7 @@ class TrainTab:
         with gr.Row(elem_classes=["tt-plot-controls"]):
             logs = plotdata.log_choices(self.logs_root)
             ui["plot_log"] = gr.Dropdown(choices=logs, value=None, label="CSV log (logs/, newest first)",
-                                         elem_id="tt_plot_log", scale=4)
+                                         allow_custom_value=True, elem_id="tt_plot_log", scale=4)
             ui["plot_refresh"] = compat.tool_button("🔄", "tt_plot_refresh")
             ui["plot_follow"] = gr.Checkbox(value=True, label="Follow the running job", elem_id="tt_plot_follow")
         ui["plot_info"] = gr.Markdown("", elem_id="tt_plot_info")
@@ -403,11 +401,11 @@ class TrainTab:
         queued = sum(1 for r in records if r.status == "queued")
         notes = self.worker.messages() if hasattr(self.worker, "messages") else []
         progress = self.worker.progress()
-        if progress is not None:
-            self._last_progress = progress
-        elif not busy:
-            progress = self._last_progress  # keep the finished run's numbers on screen
-        panel = panels.progress_html(progress, busy, queued, notes[-1] if notes else "")
+        last = panels.latest_finished(records)
+        if progress is None and not busy and last is not None:
+            panel = panels.finished_html(last, history_last(self.worker.history()), queued)
+        else:
+            panel = panels.progress_html(progress, busy, queued, notes[-1] if notes else "")
         history = self.worker.history()
         key = (progress.job_id if progress else seen.get("job"), len(history))
         curve = curve_loss = curve_lr = compat.update()
@@ -418,7 +416,6 @@ class TrainTab:
                 curve_loss, curve_lr = compat.update(value=loss), compat.update(value=lr)
             seen["curve"], seen["job"] = list(key), key[0]
         message = compat.update()
-        last = panels.latest_finished(records)
         if last is not None and seen.get("reported") != [last.job_id, last.status]:
             message, seen["reported"] = panels.result_line(last), [last.job_id, last.status]
         table, jobs = compat.update(), compat.update()
@@ -477,6 +474,11 @@ class TrainTab:
                                    outputs=outs,
                                    **compat.js_kwargs(_confirm_js("Stop the running job and cancel every queued job?")))
         ui["queue_table"].select(self.on_row_select, outputs=[ui["queue_job"]])
+
+
+def history_last(history: list[dict[str, float]]) -> dict[str, float]:
+    """The last logged row of the live history ({} when none)."""
+    return history[-1] if history else {}
 
 
 def _save_image(image: Any) -> str:

@@ -1,0 +1,156 @@
+"""The tab built from FIELDS: one widget per field with unique ids, and its handlers (no browser)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("gradio")
+
+from trainer.errors import SettingsError, ValidationError  # noqa: E402
+from trainer.presets import load_preset  # noqa: E402
+from trainer.settings import FIELDS, Settings  # noqa: E402
+from trainer.ui import form  # noqa: E402
+from trainer.ui.tab import TrainTab  # noqa: E402
+
+PRESETS = Path(__file__).resolve().parents[2] / "presets"
+
+
+class FakeHost:
+    name = "standalone"
+
+    def list_models(self):
+        return ["tiny-sd1", "tiny-sdxl"]
+
+    def list_vaes(self):
+        return [""]
+
+    def default_model(self):
+        return "tiny-sd1"
+
+
+class FakeWorker:
+    """Records what the tab asks for; never trains."""
+
+    def __init__(self, error: Exception | None = None):
+        self.submitted: list[tuple[Settings, bool]] = []
+        self.error = error
+
+    def submit(self, settings, *, start):
+        if self.error:
+            raise self.error
+        self.submitted.append((settings, start))
+        return type("Rec", (), {"name": settings.save_lora_name, "mode": settings.mode, "status": "queued"})()
+
+    def records(self):
+        return []
+
+    def is_busy(self):
+        return False
+
+    def progress(self):
+        return None
+
+    def history(self, job_id=None):
+        return []
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tab")
+    (root / "presets").mkdir()
+    for src in PRESETS.glob("*.json"):
+        (root / "presets" / src.name).write_text(src.read_text(encoding="utf-8"), encoding="utf-8")
+    tab = TrainTab(FakeWorker(), FakeHost(), presets_dir=root / "presets", json_root=root / "json",
+                   logs_root=root / "logs")
+    demo = tab.build()
+    return tab, demo, root
+
+
+def _values(tab: TrainTab, settings: Settings) -> tuple:
+    first, second, job = form.widget_values(settings)
+    return (*(first[k] for k in tab.first), *(second[k] for k in tab.second), *(job[k] for k in tab.job))
+
+
+def test_one_widget_per_field_with_its_id(built):
+    tab, _, _ = built
+    assert set(tab.first) == {f.key for f in form.pass1_fields()}
+    assert set(tab.second) == {f.key for f in FIELDS if f.pass2}
+    assert set(tab.job) == {f.key for f in form.job_fields()}
+    for f in form.pass1_fields():
+        assert tab.first[f.key].elem_id == f"tt_{f.attr}"
+        assert tab.first[f.key].label == f.label
+    for widget in tab.second.values():
+        assert widget.elem_id.startswith("tt2_")
+
+
+def test_element_ids_are_unique(built):
+    _, demo, _ = built
+    ids = [b.elem_id for b in demo.blocks.values() if getattr(b, "elem_id", None)]
+    assert len(ids) == len(set(ids)) and len(ids) > 100
+
+
+def test_start_zips_values_back_by_key(built):
+    tab, _, _ = built
+    settings, _ = load_preset("Difference_Use2ndPass", tab.presets_dir)
+    tab.worker.submitted.clear()
+    text = tab.on_submit(True, *_values(tab, settings))
+    sent, start = tab.worker.submitted[-1]
+    assert start is True and "Started" in text
+    assert sent.raw == settings.raw and sent.for_pass(2).raw == settings.for_pass(2).raw
+
+
+def test_problems_are_listed_one_per_line(built):
+    tab, _, _ = built
+    tab.worker.error = ValidationError([SettingsError("train_iterations", "must be > 0"),
+                                        SettingsError("model", "is empty; pick a model")])
+    try:
+        text = tab.on_submit(True, *_values(tab, Settings.from_layers({})))
+    finally:
+        tab.worker.error = None
+    assert text.splitlines() == ["train_iterations: must be > 0", "model: is empty; pick a model"]
+
+
+def test_saving_a_preset_never_starts_training(built):
+    tab, _, root = built
+    tab.worker.submitted.clear()
+    dropdown, text = tab.on_save_preset(*_values(tab, Settings.from_layers({"save_lora_name": "mine"})))
+    assert tab.worker.submitted == []
+    assert (root / "presets" / "mine.json").is_file() and "Preset saved" in text
+    assert dropdown["value"] == "mine" and "mine" in dropdown["choices"]
+
+
+def test_loading_a_preset_keeps_the_model_when_it_has_none(built):
+    tab, _, _ = built
+    out = tab.on_load_preset("LoRA", "tiny-sdxl")
+    outputs = tab._load_outputs()
+    model = out[outputs.index(tab.job["model"])]
+    assert "value" not in model  # no change
+    blocks = out[outputs.index(tab.first[form.BLOCKS_KEY])]
+    assert blocks["choices"] == form.blocks_for("sdxl", "lierla") and blocks["value"] == blocks["choices"]
+    assert out[-1].startswith("Loaded preset 'LoRA'")
+    mode = out[outputs.index(tab.job["mode"])]
+    assert mode["value"] == "LoRA"
+
+
+def test_copy_from_pass1_keeps_use_2nd_pass_settings(built):
+    tab, _, _ = built
+    first, _, _ = form.widget_values(Settings.from_layers({"network_type": "c3lier", "network_rank": "64"}))
+    choices = form.blocks_for("sd", "c3lier")
+    first[form.BLOCKS_KEY] = choices
+    out = tab.on_copy(choices, *(first[k] for k in tab.first), choices)
+    by_key = dict(zip(tab.second, out[:-1], strict=True))
+    assert "value" not in by_key[form.USE_PASS2_KEY]
+    assert by_key["network_type"]["value"] == "c3lier" and by_key["network_rank"]["value"] == "64"
+    assert by_key[form.BLOCKS_KEY]["value"] == choices
+
+
+def test_mode_switch_updates_every_dependent_widget(built):
+    tab, _, _ = built
+    outputs = tab._mode_outputs()
+    out = dict(zip(map(id, outputs), tab.on_mode("iLECO"), strict=True))
+    assert out[id(tab.ui["prompts"])]["visible"] is True
+    assert out[id(tab.ui["images"])]["visible"] is False and out[id(tab.ui["pass2"])]["visible"] is False
+    assert out[id(tab.first["lora_data_directory"])]["visible"] is False
+    assert out[id(tab.first["network_rank"])]["visible"] is True
