@@ -121,10 +121,9 @@ class StandaloneHost:
         if self._cached is None or self._cached[0] != key:
             self._cached = None
             gc.collect()
-            kwargs = {"device": self.device, "dtype": dtype, "v_pred": v_pred}
-            if precision == "int8":
-                kwargs["int8"] = True
-            bundle = load_bundle(model_path, vae_path, **kwargs)
+            # int8 is a storage dtype load_bundle understands (torchao weight-only), not a float precision
+            bundle = load_bundle(model_path, vae_path, device=self.device,
+                                 dtype=torch.int8 if precision == "int8" else dtype, v_pred=v_pred)
             self._cached = (key, bundle)
         self._last_model = model or self._last_model
         bundle = self._cached[1]
