@@ -147,7 +147,7 @@ def build_adapters(ctx: RunContext, s, *, resume: str = "", seed_offset: int = 0
     for warning in getattr(network, "warnings", ()):
         ctx.note(warning)
     if resume:
-        report = load_network_weights(network, resume)
+        report = load_network_weights(network, resume, bundle=ctx.bundle)
         ctx.events.info(f"network initialised from {resume}: {report}")
     network.attach()
     ctx.events.info(network.summary())

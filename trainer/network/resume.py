@@ -130,11 +130,17 @@ def network_from_file(
     return network
 
 
-def load_network_weights(network: Network, path: str | os.PathLike[str]) -> LoadReport:
+def load_network_weights(network: Network, path: str | os.PathLike[str], bundle: Any = None) -> LoadReport:
     """Load a LoRA file's tensors into an existing network (same names and shapes).
+
+    Args:
+        bundle: the model the network is for; when given, a file made for another family is refused.
 
     Raises:
         InputError: the file cannot be read.
+        SettingsError: ``network_resume``: the file is for another model family than ``bundle``.
     """
-    state_dict, _ = load_lora(path)
+    state_dict, metadata = load_lora(path)
+    if bundle is not None:
+        _check_family(bundle, os.fspath(path), file_family(state_dict, metadata))
     return network.load_kohya_state_dict(state_dict)
