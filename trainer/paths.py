@@ -7,7 +7,7 @@ import re
 import tempfile
 from pathlib import Path
 
-from trainer.errors import SettingsError
+from trainer.errors import InputError, SettingsError
 
 _BAD_NAME = re.compile(r"[\x00-\x1f<>:\"|?*]")
 
@@ -51,22 +51,41 @@ def inside(folder: str | os.PathLike[str], *parts: str) -> Path:
     return path
 
 
+class WriteError(InputError, OSError):
+    """A file could not be written (disk full, read-only folder, ...); still an ``OSError`` for callers.
+
+    Args:
+        path: the file that was being written.
+        err: the operating system's error.
+    """
+
+    def __init__(self, path: str, err: OSError) -> None:
+        reason = err.strerror or str(err) or type(err).__name__
+        InputError.__init__(self, path, f"could not be written ({reason}); free disk space or choose a writable "
+                                        "folder (any previous file of this name is unchanged)")
+        self.errno = err.errno
+
+
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     """Write ``data`` to ``path`` through a temp file in the same folder, fsync, then rename.
 
     A crash or a full disk leaves either the old file or none, never a partial one.
     """
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    tmp = None
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as err:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError):  # full disk, read-only folder, no permission: one clear line
+            raise WriteError(str(target), err) from err
         raise
     return target
 
