@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import struct
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -67,9 +68,12 @@ def _read_pickle(path: str) -> dict[str, torch.Tensor]:
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        raise InputError(path, "holds pickled code, which we never run; convert it to .safetensors first") from err
-    except (RuntimeError, OSError, EOFError, ValueError) as err:
-        raise InputError(path, f"{NOT_A_CHECKPOINT} (cannot be read: {err})") from err
+        raise InputError(path, "is not a tensor file that loads without running pickled code (which we never do); "
+                               "choose a .safetensors checkpoint or convert this one to .safetensors") from err
+    except (RuntimeError, OSError, EOFError, ValueError, IndexError, KeyError, TypeError, struct.error) as err:
+        # the safe unpickler reports text or random bytes with IndexError/KeyError ("pop from empty list")
+        reason = " ".join(str(err).split())[:200]  # one line: torch's messages span several
+        raise InputError(path, f"{NOT_A_CHECKPOINT} (cannot be read: {type(err).__name__}: {reason})") from err
     if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
         data = data["state_dict"]
     if not isinstance(data, dict):
