@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 from pathlib import Path
 
 import safetensors
@@ -114,8 +115,14 @@ def load_lora(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], di
     if file.suffix.lower() != ".safetensors":
         try:
             state = torch.load(file, map_location="cpu", weights_only=True)
-        except (OSError, RuntimeError, ValueError) as err:
-            raise InputError(str(path), f"cannot load: {err}") from err
+        except pickle.UnpicklingError as err:  # code in the pickle (never run) or garbage
+            raise InputError(str(path), "is not a LoRA that loads without running pickled code (which we never "
+                                        "do); convert it to .safetensors") from err
+        except (OSError, RuntimeError, ValueError, EOFError, IndexError, KeyError, TypeError) as err:
+            reason = " ".join(str(err).split())[:200]
+            raise InputError(str(path), f"cannot load ({type(err).__name__}: {reason}); choose a LoRA file") from err
+        if not isinstance(state, dict):
+            raise InputError(str(path), "holds no tensors by name; choose a LoRA file")
         return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}, {}
     data = file.read_bytes()
     try:
