@@ -7,6 +7,7 @@ import math
 import os
 import shutil
 import socket
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -122,7 +123,10 @@ def app(tmp_path_factory):
     yield {"url": url, "worker": worker, "paths": paths, "data": data, "real": runner is None}
     worker.stop_all()
     worker.wait_idle(60)
-    demo.close()
+    # gradio 3.41's close() can wait forever on its polling loop: give it a few seconds, then move on.
+    closer = threading.Thread(target=demo.close, daemon=True)
+    closer.start()
+    closer.join(10)
 
 
 @pytest.fixture(scope="session")

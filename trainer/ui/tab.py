@@ -89,7 +89,7 @@ class TrainTab:
             with gr.Column(scale=2, min_width=320):
                 ui["progress"] = gr.HTML(panels.progress_html(None, False, 0), elem_id="tt_progress")
             with gr.Column(scale=3, min_width=320):
-                ui["live_plot"] = self._line_plot("Loss", "tt_live_plot")
+                ui["live_plot"] = self._line_plot("Loss", "loss", "tt_live_plot")
         self._build_job_widgets()
         self._build_params()
 
@@ -177,13 +177,13 @@ class TrainTab:
             ui["plot_refresh"] = compat.tool_button("🔄", "tt_plot_refresh")
             ui["plot_follow"] = gr.Checkbox(value=True, label="Follow the running job", elem_id="tt_plot_follow")
         ui["plot_info"] = gr.Markdown("", elem_id="tt_plot_info")
-        ui["plot_loss"] = self._line_plot("Loss (raw and EMA)", "tt_plot_loss")
-        ui["plot_lr"] = self._line_plot("Learning rate", "tt_plot_lr")
+        ui["plot_loss"] = self._line_plot("Loss (raw and EMA)", "loss", "tt_plot_loss")
+        ui["plot_lr"] = self._line_plot("Learning rate", "learning rate", "tt_plot_lr")
 
     @staticmethod
-    def _line_plot(title: str, elem_id: str) -> gr.LinePlot:
+    def _line_plot(title: str, y_title: str, elem_id: str) -> gr.LinePlot:
         return gr.LinePlot(value=plotdata.frames_from_history([])[0], x="step", y="value", color="series",
-                           title=title, x_title="step", y_title=title.split(" ")[0].lower(), elem_id=elem_id,
+                           title=title, x_title="step", y_title=y_title, elem_id=elem_id,
                            show_label=False)
 
     # ------------------------------------------------------------------ helpers
@@ -395,7 +395,9 @@ class TrainTab:
 
     def poll(self, seen: dict[str, Any] | None, follow: bool):
         """Every second: progress panel, live curve, result message, queue table, followed plot."""
-        seen = dict(seen or {})
+        # Mutated in place: gradio 3.x re-runs an ``every=`` poll with its first inputs, so only the same
+        # dict object carries what this page has already been shown (4+ stores the returned State).
+        seen = seen if isinstance(seen, dict) else {}
         records = self.worker.records()
         busy = self.worker.is_busy()
         queued = sum(1 for r in records if r.status == "queued")
