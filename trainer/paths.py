@@ -32,7 +32,7 @@ def safe_name(name: str, key: str) -> str:
     if "/" in stripped or "\\" in stripped or stripped in (".", "..") or ".." in stripped.split("."):
         raise SettingsError(key, f"{name!r} must be a plain name without '/', '\\' or '..'; type a name such as 'my_lora'")
     if os.path.isabs(stripped) or re.match(r"^[A-Za-z]:", stripped):
-        raise SettingsError(key, f"{name!r} must be a plain name, not an absolute path")
+        raise SettingsError(key, f"{name!r} must be a plain name, not an absolute path; type a name such as 'my_lora'")
     if _BAD_NAME.search(stripped):
         raise SettingsError(key, f"{name!r} contains a character that file names cannot hold (<>:\"|?* or control)")
     return stripped

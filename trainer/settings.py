@@ -444,7 +444,7 @@ def _to_number(f: Field, value: Any, kind: type) -> float | int:
     except _PARSE_ERRORS as err:
         raise _bad(f, value, f"a number; type e.g. {f.default!s}") from err
     if not math.isfinite(number):
-        raise _bad(f, value, "a finite number")
+        raise _bad(f, value, f"a finite number; type e.g. {f.default!s}")
     if kind is int:
         if number != int(number):
             raise _bad(f, value, f"a whole number; type e.g. {f.default!s}")
@@ -549,7 +549,8 @@ def _typed_extra(raw: Mapping[str, Any], values: dict[str, Any]) -> None:
 
 
 def _close(name: str) -> str:
-    matches = difflib.get_close_matches(name, list(FIELD_BY_KEY) + list(FIELD_BY_ATTR), n=3, cutoff=0.6)
+    known = list(dict.fromkeys([*FIELD_BY_KEY, *FIELD_BY_ATTR]))  # most keys are their own attribute name
+    matches = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
     return f"did you mean {', '.join(matches)}?" if matches else "see the settings table (settings_markdown())"
 
 
