@@ -354,6 +354,14 @@ def _cyclic_defaults(plan: _Plan) -> dict:
     return {"base_lr": 1e-5, "max_lr": 1e-3, "mode": "triangular", "cycle_momentum": has_momentum}
 
 
+def _one_cycle_defaults(plan: _Plan) -> dict:
+    """OneCycleLR also cycles momentum by default and raises on optimizers with neither ``momentum`` nor
+    ``betas`` (Tiger, ...); only cycle what exists (the same test torch makes)."""
+    defaults = plan.optimizer.defaults
+    return {"max_lr": 1e-3, "total_steps": plan.total_steps,
+            "cycle_momentum": "momentum" in defaults or "betas" in defaults}
+
+
 _BUILDERS: dict[str, Callable[[_Plan], Schedule]] = {
     "linear": _lambda(_linear, "linear"),
     "cosine": _lambda(_cosine, "cosine"),
@@ -372,7 +380,7 @@ _BUILDERS: dict[str, Callable[[_Plan], Schedule]] = {
     # total_steps is exactly the trainer's step count; Schedule.max_steps keeps it from stepping past it.
     "one_cycle": _torch_scheduler(
         "OneCycleLR",
-        lambda p: {"max_lr": 1e-3, "total_steps": p.total_steps},
+        _one_cycle_defaults,
         ("total_steps", "epochs", "steps_per_epoch"),
     ),
 }
