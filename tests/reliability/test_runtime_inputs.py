@@ -239,3 +239,28 @@ def test_malicious_pickle_model_is_refused_and_never_runs(host, dataset, tmp_pat
         pickle.dump({"state_dict": _Evil(marker)}, handle)
     refused(tiny(lora_data_directory=str(dataset), model=str(path)), host, "evil.ckpt", "safetensors")
     assert not marker.exists(), "the pickle's payload ran"
+
+
+@pytest.mark.parametrize("scheduler", ["one_cycle", "cyclic", "reduce_on_plateau"])
+def test_momentum_cycling_schedulers_with_every_optimizer(scheduler):
+    """one_cycle/cyclic cycle momentum: optimizers without it (Tiger, ...) must still run to the last step."""
+    from trainer.optim import build_optimizer
+    from trainer.schedules import build_scheduler
+    from trainer.settings import OPTIMIZERS, SEPARATOR
+
+    for name in (o for o in OPTIMIZERS if o != SEPARATOR):
+        param = torch.nn.Parameter(torch.zeros(4))
+        try:
+            opt = build_optimizer(name, [{"params": [param], "name": "unet", "lr": 1e-3}], lr=1e-3, settings={},
+                                  network=None, device=torch.device("cpu"))
+        except MissingPackage:
+            continue
+        except TrainTrainError as err:  # AdamMini needs a network module; anything else is a failure
+            assert "needs the network module" in str(err), err
+            continue
+        schedule = build_scheduler(scheduler, opt, total_steps=3, warmup_steps=0, num_cycles=1, power=1.0,
+                                   step_rules="", settings={})
+        for _ in range(4):  # one more than planned: the schedule must not overrun
+            param.grad = torch.ones(4)
+            opt.optimizer.step()
+            schedule.step(1.0)
