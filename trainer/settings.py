@@ -307,6 +307,10 @@ FIELDS: tuple[Field, ...] = (
          **_CH),
     _opt(3, "save_sidecar_json", bool, True,
          "Write A1111's <name>.json card sidecar (activation text, preferred weight) next to the LoRA.", **_CH),
+    _opt(3, "ileco_fixed_noise", bool, True,
+         "iLECO: train on one noise latent drawn once for the whole run (the reference's behaviour: fast, and the "
+         "LoRA learns the prompt swap on that noise). Off: fresh noise every step, same cost, generalises better "
+         "to other seeds.", modes=_ILECO, **_CH),
     _opt(3, "effect_check", bool, True,
          "After training, measure how much the LoRA changes the model's prediction and report it (a tiny "
          "number means it learned nothing).", **_CH),

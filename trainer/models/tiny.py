@@ -125,9 +125,23 @@ def _build_tiny(name: str) -> Components:
         unet = build_unet(spec["unet"])
         vae = build_vae(spec["vae"])
         tes = [build_text_encoder(spec[s], s == "text_encoder_2") for s in ("text_encoder", "text_encoder_2") if s in spec]
+    _sharpen_cross_attention(unet)
     v_pred = spec["v_pred"]
     return Components(spec["family"], unet, vae, tes, v_pred=v_pred,
                       scheduler=default_scheduler("v_prediction" if v_pred else "epsilon"), name=name)
+
+
+@torch.no_grad()
+def _sharpen_cross_attention(unet: nn.Module, factor: float = 5.0) -> None:
+    """Make the prompt matter as it does in a trained model.
+
+    With random weights, cross-attention is nearly uniform over all 77 tokens (mostly padding), so two
+    prompts changed a tiny model's prediction by under 0.1 %: nothing prompt-driven (iLECO, captions)
+    could be tested. Sharper keys and a stronger output projection raise that ~40-fold.
+    """
+    for name, module in unet.named_modules():
+        if name.endswith(("attn2.to_k", "attn2.to_out.0")):
+            module.weight.mul_(factor)
 
 
 def _build_random(name: str, family: Family, device: torch.device, dtype: torch.dtype) -> Components:

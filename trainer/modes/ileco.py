@@ -42,17 +42,20 @@ def run(ctx: RunContext) -> ModeOutcome:
         bundle.offload("text_encoders")
     bundle.set_gradient_checkpointing(bool(s.use_gradient_checkpointing))
     gen, loss_fn = ctx.generator(1), ctx.loss_fn(s)
-    # one noise latent for the whole run, as the reference does: the LoRA learns the prompt swap on
-    # pure-noise inputs at every timestep, which is fast and needs no denoising loop
+    # by default one noise latent for the whole run, as the reference does: the LoRA learns the prompt
+    # swap on pure-noise inputs at every timestep, which is fast and needs no denoising loop
     channels = getattr(bundle, "latent_channels", 4)
     z = torch.randn((batch, channels, height // factor, width // factor), generator=gen, device=gen.device).to(bundle.device)
 
+    fixed_noise = bool(s.ileco_fixed_noise)
+
     def loss_step(step: int) -> torch.Tensor:
+        noise = z if fixed_noise else torch.randn(z.shape, generator=gen, device=gen.device).to(z.device)
         t = sample_timesteps(batch, lo, hi, fixed_in_batch=False, generator=gen, device=z.device)
         with torch.no_grad(), network.scaled(0.0):
-            goal = bundle.predict(z, t, target)
+            goal = bundle.predict(noise, t, target)
         cond = bundle.encode_prompts([s.original_prompt] * batch) if train_te else fixed_original
-        return loss_fn(bundle.predict(z, t, cond), goal, t)
+        return loss_fn(bundle.predict(noise, t, cond), goal, t)
 
     def probe() -> float:
         return measure_effect(bundle, network, original, latent_hw=tuple(z.shape[-2:]), autocast=ctx.precision.autocast())

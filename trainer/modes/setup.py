@@ -191,10 +191,14 @@ def make_metadata(ctx: RunContext, s, network, *, suffix: str, steps: int, extra
     from trainer.network import build_metadata
 
     h, w = s.image_size
-    return build_metadata(
+    kohya = {k: str(v) for k, v in extra.items() if k.startswith("ss_")}  # the mode's own ss_* figures win
+    ours = {k: v for k, v in extra.items() if not k.startswith("ss_")}
+    metadata = build_metadata(
         settings=s, network=network, bundle=ctx.bundle, output_name=ctx.out.name + suffix, steps=steps,
-        seed=ctx.seed, started_at=ctx.started_at, resolution=(w, h), extra={"traintrain_mode": s.mode, **extra},
+        seed=ctx.seed, started_at=ctx.started_at, resolution=(w, h), extra={"traintrain_mode": s.mode, **ours},
     )
+    metadata.update(kohya)
+    return metadata
 
 
 def save_network(ctx: RunContext, s, network, path: Path, *, steps: int, extra: dict[str, Any]) -> Path:
