@@ -194,6 +194,7 @@ def train_pass(
     pass_index: int = 1,
     epoch: Callable[[], int] = lambda: 0,
     after_backward: Callable[[list[torch.Tensor]], None] | None = None,
+    start_step: int = 0,
 ) -> PassResult:
     """Run exactly ``total_steps`` optimizer steps of ``loss_step`` (N, not N+1).
 
@@ -204,6 +205,7 @@ def train_pass(
         stop: returns None, ``"stop"`` or ``"save"`` (checked after every step).
         save: writes the network; ``save(step)`` for step files, returns the path.
         after_backward: called with the trainable parameters after backward (DDP gradient averaging).
+        start_step: steps already done (a resumed run continues after it).
 
     Raises:
         StopTraining: the loss became NaN or infinite (the last periodic save is kept).
@@ -212,11 +214,11 @@ def train_pass(
     params = [p for group in opt.param_groups for p in group["params"]]
     names = [group.get("name", f"group{i}") for i, group in enumerate(opt.param_groups)]
     scaler = precision.make_scaler()
-    tracker = LossTracker(total_steps)
+    tracker = LossTracker(total_steps - start_step)
     periodic = save_steps(total_steps, save_every)
     last_save: str | None = None
     value: float | None = None
-    for step in range(1, total_steps + 1):
+    for step in range(start_step + 1, total_steps + 1):
         # forward under autocast; the mode decides what is predicted against what
         with precision.autocast():
             loss = loss_step(step - 1)
@@ -237,7 +239,7 @@ def train_pass(
         opt.zero_grad(set_to_none=True)
         schedule.step(value)
         tracker.update(value)
-        elapsed, eta = tracker.timing(step)
+        elapsed, eta = tracker.timing(step - start_step)
         lrs = dict(zip(names, schedule.lrs(), strict=False))
         events.emit(ProgressEvent(step, total_steps, value, tracker.ema, lrs, epoch(), elapsed, eta, pass_index))
         if step in periodic:

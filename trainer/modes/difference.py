@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from trainer.effect import measure_effect
-from trainer.errors import InputError
+from trainer.errors import InputError, SettingsError
 from trainer.modes.common import check_timestep_range, sample_timesteps, save_steps
 from trainer.modes.inputs import encode_prompt_pair, load_image_pair
 from trainer.modes.setup import ModeOutcome, RunContext, build_adapters, finish, run_pass, save_network
@@ -63,6 +63,9 @@ def denoise_loss(ctx: RunContext, s, latent: torch.Tensor, cond, gen: torch.Gene
 
 def run(ctx: RunContext) -> ModeOutcome:
     s, bundle = ctx.settings, ctx.bundle
+    if s.train_resume_state:
+        raise SettingsError("train_resume_state", "full resume is not available for Difference yet; "
+                            "reuse a saved copier with diff_load_1st_pass instead")
     pair = load_image_pair(ctx, s)
     cond, _ = encode_prompt_pair(bundle, s.original_prompt, s.target_prompt)
     bundle.offload("vae")

@@ -48,7 +48,7 @@ def load_dataset(ctx: RunContext, s):
 def run(ctx: RunContext) -> ModeOutcome:
     s, bundle = ctx.settings, ctx.bundle
     plan, data = load_dataset(ctx, s)
-    batcher = BucketBatcher(data, int(s.train_batch_size), ctx.seed, ctx.rank, ctx.world_size)
+    batcher = ctx.track("batcher", BucketBatcher(data, int(s.train_batch_size), ctx.seed, ctx.rank, ctx.world_size))
     bundle.offload("vae")
     train_te = train_text_encoder(s)
     # build adapters before caching captions: with BASE the text encoder runs with its adapters every step

@@ -39,7 +39,7 @@ def run(ctx: RunContext) -> ModeOutcome:
         num_multiply=int(s.image_num_multiply), trigger=s.lora_trigger_word, use_filename_as_tag=bool(s.image_use_filename_as_tag),
     )
     data = encode_dataset_images(ctx, plan, pairs=True)
-    batcher = BucketBatcher(data, int(s.train_batch_size), ctx.seed, ctx.rank, ctx.world_size)
+    batcher = ctx.track("batcher", BucketBatcher(data, int(s.train_batch_size), ctx.seed, ctx.rank, ctx.world_size))
     bundle.offload("vae")
     captions = [c for b in data.buckets for c in (*b.orig_captions, *b.targ_captions)]
     conds = CaptionConds(bundle, captions)  # per-pair captions really condition training (§17 #4)

@@ -18,6 +18,7 @@ import torch
 from trainer.csvlog import CsvSink, csv_path
 from trainer.errors import SettingsError
 from trainer.modes.common import DenoiseLoss, NoiseSchedule, PassResult, Precision, resolve_precision, train_pass
+from trainer.modes.resume import load_state, restore_state, save_state, state_path
 from trainer.paths import inside
 from trainer.progress import Events, RunSummary
 
@@ -76,6 +77,8 @@ class RunContext:
     rank: int = 0  # data-parallel rank (torchrun); only rank 0 writes files and logs
     world_size: int = 1
     grad_sync: Callable[[list[torch.Tensor]], None] | None = None
+    generators: dict[int, torch.Generator] = field(default_factory=dict)  # saved in resume states
+    tracked: dict[str, Any] = field(default_factory=dict)  # other resumable parts (the data batcher)
 
     @staticmethod
     def create(settings, bundle, events: Events, stop, out: OutputPlan, seed: int, *, rank: int = 0,
@@ -98,7 +101,13 @@ class RunContext:
         each data-parallel rank draws its own stream."""
         gen = torch.Generator(device=self.bundle.device)
         gen.manual_seed((self.seed + offset + 1_000_003 * self.rank) % 2**63)
+        self.generators[offset] = gen
         return gen
+
+    def track(self, name: str, obj: Any) -> Any:
+        """Register an object with ``state_dict``/``load_state_dict`` (e.g. the batcher) for resume."""
+        self.tracked[name] = obj
+        return obj
 
     @property
     def is_main(self) -> bool:
@@ -251,7 +260,18 @@ def run_pass(
         path = ctx.out.free_path(f"{suffix}_{step}steps")
         written.append(save_network(ctx, s, network, path, steps=step or total, extra=extra))
         train_mode(optimizer.optimizer)
+        if ctx.is_main:  # the state to continue from this step (train mode: the optimizer as it trains)
+            save_state(state_path(path), step=int(step or total), pass_index=pass_index, settings=s, network=network,
+                       optimizer=optimizer.optimizer, schedule=schedule, generators=ctx.generators, tracked=ctx.tracked)
         return str(path)
+
+    start = 0
+    resume_from = getattr(s, "train_resume_state", "") or ""
+    if resume_from:
+        state = load_state(resume_from, s, pass_index)
+        start = restore_state(state, network=network, optimizer=optimizer.optimizer, schedule=schedule,
+                              generators=ctx.generators, tracked=ctx.tracked)
+        ctx.events.info(f"Resumed from {resume_from} at step {start} of {total}")
 
     sink = None
     if ctx.out.logs_root is not None and ctx.is_main:
@@ -265,7 +285,7 @@ def run_pass(
             loss_step, total_steps=total, optimizer=optimizer, schedule=schedule, precision=ctx.precision,
             events=ctx.events, stop=ctx.stop, save=save, save_every=int(s.save_per_steps),
             max_grad_norm=float(getattr(s, "train_max_grad_norm", 0) or 0), pass_index=pass_index, epoch=epoch,
-            after_backward=ctx.grad_sync,
+            after_backward=ctx.grad_sync, start_step=start,
         )
     finally:
         if sink is not None:
