@@ -21,7 +21,8 @@ from trainer.errors import TrainTrainError
 from trainer.paths import inside, safe_name
 from trainer.settings import FIELDS, PASS2_KEY, Settings, parse_kwargs, parse_set_args, validate
 
-FAST = settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# database=None: no .hypothesis folder in the shared checkout
+FAST = settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow], database=None)
 
 scalars = st.one_of(
     st.none(), st.booleans(), st.integers(-10**6, 10**6), st.floats(allow_nan=True, allow_infinity=True),
