@@ -395,9 +395,11 @@ class TrainTab:
 
     def poll(self, seen: dict[str, Any] | None, follow: bool):
         """Every second: progress panel, live curve, result message, queue table, followed plot."""
-        # Mutated in place: gradio 3.x re-runs an ``every=`` poll with its first inputs, so only the same
-        # dict object carries what this page has already been shown (4+ stores the returned State).
+        # gradio 3.x re-runs an ``every=`` poll with its first inputs, so there the same dict object is
+        # mutated to remember what this page was shown; gradio 5+ needs a new object to store the State.
         seen = seen if isinstance(seen, dict) else {}
+        if compat.GR_MAJOR >= 5:
+            seen = dict(seen)
         records = self.worker.records()
         busy = self.worker.is_busy()
         queued = sum(1 for r in records if r.status == "queued")
@@ -418,8 +420,11 @@ class TrainTab:
                 curve_loss, curve_lr = compat.update(value=loss), compat.update(value=lr)
             seen["curve"], seen["job"] = list(key), key[0]
         message = compat.update()
-        if last is not None and seen.get("reported") != [last.job_id, last.status]:
-            message, seen["reported"] = panels.result_line(last), [last.job_id, last.status]
+        shown = [last.job_id, last.status] if last is not None else None
+        if "reported" not in seen:
+            seen["reported"] = shown  # a freshly opened page: the panel shows the old result, the box stays free
+        elif last is not None and seen["reported"] != shown:
+            message, seen["reported"] = panels.result_line(last), shown
         table, jobs = compat.update(), compat.update()
         rows = panels.queue_rows(records)
         if rows != seen.get("rows"):
