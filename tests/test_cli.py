@@ -1,0 +1,59 @@
+"""The command line: train with a preset and --set, the result JSON, check, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+
+from trainer.__main__ import main
+from trainer.network import load_lora
+
+
+def test_train_from_a_preset_writes_the_lora_and_the_result_json(tmp_path, capsys):
+    from PIL import Image
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(2):
+        Image.new("RGB", (64, 64), (200, 40 * i, 40)).save(data / f"i{i}.png")
+    result_path = tmp_path / "result.json"
+    code = main(["train", "presets/LoRA.json", "--model", "tiny-sd1", "--lora-dir", str(tmp_path / "out"),
+                 "--logs-dir", str(tmp_path / "logs"), "--json-dir", str(tmp_path / "json"), "--quiet",
+                 "--set", f"lora_data_directory={data}", "--set", "image_size(height, width)=64",
+                 "--set", "image_buckets_step=32", "--set", "image_min_length=32", "--set", "train_iterations=3",
+                 "--set", "train_batch_size=1", "--set", "save_lora_name=cli_lora", "--set", "train_seed=7",
+                 "--set", "save_as_json=true", "--result-json", str(result_path)])
+    assert code == 0
+    result = json.loads(result_path.read_text())
+    assert {"status", "lora_path", "steps", "final_loss", "seconds", "seed"} <= result.keys()
+    assert result["status"] == "done" and result["steps"] == 3 and result["seed"] == 7
+    assert load_lora(result["lora_path"])[1]["ss_seed"] == "7"
+    assert list((tmp_path / "logs").rglob("cli_lora-*.csv")) and list((tmp_path / "json").rglob("cli_lora-*.json"))
+    assert "Successfully created to" in capsys.readouterr().out
+
+    check_json = tmp_path / "check.json"
+    assert main(["check", result["lora_path"], "--model", "tiny-sd1", "--size", "64", "--json", str(check_json)]) == 0
+    report = json.loads(check_json.read_text())
+    assert report["family"] == "sd1" and report["unmatched"] == [] and report["matched"] == report["modules_in_file"]
+    assert report["effect"] > 0 and report["effect_negative"] > 0 and not report["warnings"]
+
+
+def test_bad_input_is_one_line_and_exit_code_2(tmp_path, capsys):
+    code = main(["train", "--mode", "LoRA", "--model", "tiny-sd1", "--lora-dir", str(tmp_path),
+                 "--set", "network_rank=0", "--set", f"lora_data_directory={tmp_path}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "network_rank" in err
+    assert main(["train", "--set", "no_such_setting=1"]) == 2
+    assert "no_such_setting" in capsys.readouterr().err
+
+
+def test_check_flags_a_lora_that_changes_nothing(tmp_path, capsys):
+    import torch
+
+    from trainer.models.diffusers_runtime import load_bundle
+    from trainer.network import NetworkSpec, build_network, save_lora
+
+    bundle = load_bundle("tiny-sd1", device="cpu")
+    network = build_network(bundle, NetworkSpec("lierla", 4, 4))  # up weights start at zero: no effect
+    path = save_lora(tmp_path / "zero.safetensors", network.kohya_state_dict(dtype=torch.float32), {"ss_network_dim": "4"})
+    assert main(["check", str(path), "--model", "tiny-sd1", "--size", "64"]) == 1
+    assert "changes nothing" in capsys.readouterr().out
