@@ -1,0 +1,83 @@
+"""Every mode through the real runner and the Web-UI host: files land in the Web-UI's Lora folder with
+the right key layout, the Lora list is refreshed, the model comes back bit-exact (also after an error)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import fingerprint
+from PIL import Image
+
+from trainer.hosts.webui import WebUIHost
+from trainer.network import load_lora
+from trainer.progress import Events
+from trainer.runner import run_job
+from trainer.settings import Settings
+
+BASE = {"image_size(height, width)": "64", "image_buckets_step": 32, "image_min_length": 32, "train_iterations": 3,
+        "train_batch_size": 1, "train_seed": 0, "train_model_precision": "fp32", "save_precision": "fp32",
+        "network_rank": 4, "network_alpha": 4, "logging_save_csv": False, "effect_check": True}
+
+
+def _inputs(mode, tmp_path):
+    if mode in ("LoRA", "Multi-ADDifT"):
+        folder = tmp_path / "data"
+        folder.mkdir()
+        for i in range(2):
+            Image.new("RGB", (64, 64), (200, 50 * i, 40)).save(folder / f"a{i}.png")
+            Image.new("RGB", (64, 64), (40, 50 * i, 200)).save(folder / f"a{i}_t.png")
+        return {"lora_data_directory": str(folder), "diff_target_name": "_t"}
+    if mode == "iLECO":
+        return {"original prompt": "a photo", "target prompt": "red"}
+    Image.new("RGB", (64, 64), (200, 40, 40)).save(tmp_path / "o.png")
+    Image.new("RGB", (64, 64), (40, 40, 200)).save(tmp_path / "t.png")
+    return {"original image": str(tmp_path / "o.png"), "target image": str(tmp_path / "t.png")}
+
+
+@pytest.mark.parametrize("mode", ["LoRA", "iLECO", "Difference", "ADDifT", "Multi-ADDifT"])
+def test_every_mode_trains_in_place_and_restores(webui, mode, tmp_path):
+    import networks
+
+    before = fingerprint(webui.sd_model)
+    refreshes = len(networks.refreshes)
+    settings = Settings.from_layers(BASE, {"mode": mode, "save_lora_name": f"w_{mode}"}, _inputs(mode, tmp_path))
+    result = run_job(settings, WebUIHost(), events=Events())
+    assert result["status"] == "done" and result["steps"] == 3
+    path = result["lora_path"]
+    assert path.startswith(webui.cmd_opts.lora_dir)
+    state, meta = load_lora(path)
+    assert meta["traintrain_mode"] == mode and meta["ss_base_model_version"] == "sd_v1"
+    assert any(k.startswith("lora_unet_down_blocks_") for k in state)  # SD1 U-Net in diffusers layout
+    assert fingerprint(webui.sd_model) == before
+    assert len(networks.refreshes) > refreshes  # the Lora list was rescanned: the LoRA shows without a restart
+
+
+def test_sdxl_lora_uses_sgm_names_and_pixel_sizes(webui, tmp_path):
+    from modules import sd_models
+
+    sd_models.reload_model_weights(info=sd_models.checkpoints_list["xl.safetensors [def]"])
+    before = fingerprint(webui.sd_model)
+    settings = Settings.from_layers(BASE, {"mode": "LoRA", "save_lora_name": "xl"}, _inputs("LoRA", tmp_path))
+    result = run_job(settings, WebUIHost(), events=Events())
+    state, meta = load_lora(result["lora_path"])
+    assert meta["ss_base_model_version"] == "sdxl_base_v1-0"
+    assert any(k.startswith("lora_unet_input_blocks_") for k in state)
+    assert not any(k.startswith("lora_unet_down_blocks_") for k in state)
+    assert fingerprint(webui.sd_model) == before
+
+
+def test_an_error_inside_the_run_leaves_the_model_restored(webui, tmp_path, monkeypatch):
+    import trainer.modes.lora as lora
+
+    before = fingerprint(webui.sd_model)
+
+    def explode(*args, **kwargs):
+        raise RuntimeError("injected failure after the adapters were attached")
+
+    monkeypatch.setattr(lora, "run_pass", explode)
+    settings = Settings.from_layers(BASE, {"mode": "LoRA", "save_lora_name": "boom"}, _inputs("LoRA", tmp_path))
+    with pytest.raises(RuntimeError, match="injected"):
+        run_job(settings, WebUIHost(), events=Events())
+    assert fingerprint(webui.sd_model) == before
+    with torch.no_grad():
+        assert not any("forward" in m.__dict__ for m in webui.sd_model.modules())
