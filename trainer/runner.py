@@ -75,7 +75,12 @@ def run_job(
                                 grad_sync=grad_sync)
         for note in getattr(bundle, "notes", ()):  # what the host could not do (e.g. TE training on OpenCLIP)
             ctx.note(note)
-        outcome = recipe.run(ctx)
+        watch = _vram_watch(settings, bundle, events)
+        try:
+            outcome = recipe.run(ctx)
+        finally:
+            if watch is not None:
+                events.sinks.remove(watch)
     for path, sidecar in outcome.saved if rank == 0 else ():
         host.on_saved(path, sidecar if settings.save_sidecar_json else None)
     seconds = time.perf_counter() - started
@@ -94,6 +99,21 @@ def run_job(
     }
     result["message"] = _message(result)
     return result
+
+
+def _vram_watch(settings, bundle, events: Events):
+    """Log the VRAM estimate (one line) and, on CUDA, watch step times for spilling (trainer/vram.py)."""
+    from trainer.vram import SpillWatch, estimate_vram
+
+    try:
+        events.info(estimate_vram(settings, bundle).line())
+    except (AttributeError, TypeError, ValueError) as err:  # a host bundle without counts: no estimate, no failure
+        events.info(f"no VRAM estimate for this model ({err})")
+    if getattr(getattr(bundle, "device", None), "type", "") != "cuda":
+        return None
+    watch = SpillWatch(events.warning)
+    events.add(watch)
+    return watch
 
 
 def _message(result: dict[str, Any]) -> str:
