@@ -136,6 +136,7 @@ class Worker:
         self._stop_request: str | None = None
         self._history = HistorySink()
         self._current: str | None = None
+        self._last: str | None = None  # the job the history belongs to, kept after it ends
 
     # -- submitting -----------------------------------------------------------------------------
 
@@ -248,8 +249,9 @@ class Worker:
         return self._thread is not None and self._thread.is_alive()
 
     def progress(self) -> Progress | None:
+        """The running job's latest step, or the last job's final one once it ended."""
         with self._lock:
-            event, job_id = self._history.latest, self._current
+            event, job_id = self._history.latest, self._current or self._last
             if event is None or job_id is None:
                 return None
             record = self.queue.find(job_id)
@@ -286,7 +288,7 @@ class Worker:
             for record in self.queue.records:
                 if record.status == QUEUED:
                     record.status, record.started, record.message = RUNNING, time.time(), "running"
-                    self._current, self._stop_request = record.job_id, None
+                    self._current, self._last, self._stop_request = record.job_id, record.job_id, None
                     self._history = HistorySink()
                     self.queue.save()
                     return record

@@ -406,7 +406,7 @@ class TrainTab:
         notes = self.worker.messages() if hasattr(self.worker, "messages") else []
         progress = self.worker.progress()
         last = panels.latest_finished(records)
-        if progress is None and not busy and last is not None:
+        if not busy and last is not None:
             panel = panels.finished_html(last, history_last(self.worker.history()), queued)
         else:
             panel = panels.progress_html(progress, busy, queued, notes[-1] if notes else "")
