@@ -86,10 +86,7 @@ def wanted_extras(torch_version: str, platform: str) -> list[Extra]:
     extras: list[Extra] = []
     if tv >= (2, 1):
         extras.append(Extra("pytorch-optimizer", "pytorch-optimizer>=3.1", "the pytorch-optimizer optimizers (CAME, Lion, ...)"))
-    # lycoris-lora 4.x calls torch.library.custom_op at import: torch >= 2.4 only.
-    lycoris = "lycoris-lora<4" if tv < (2, 4) else "lycoris-lora"
-    extras.append(Extra("lycoris-lora", lycoris, "LoHa/LoKr/DoRA network types"))
-    extras += [Extra("einops", "einops", "lycoris-lora"), Extra("toml", "toml", "lycoris-lora")]
+    # LoHa, LoKr and DoRA are our own code: lycoris-lora (whose 4.x does not import on torch < 2.4) is not needed
     if platform != "darwin" and (platform.startswith("linux") or platform.startswith("win")) and torch_has_cuda(torch_version, platform):
         bnb = "bitsandbytes>=0.43,<0.46" if tv < (2, 4) else "bitsandbytes>=0.43"
         extras.append(Extra("bitsandbytes", bnb, "8-bit optimizers (AdamW8bit, ...)"))
@@ -100,8 +97,6 @@ def _satisfied(extra: Extra) -> bool:
     version = installed(extra.dist)
     if version is None:
         return False
-    if extra.dist == "lycoris-lora" and "<4" in extra.spec:
-        return version_tuple(version) < (4,)
     if extra.dist == "bitsandbytes":
         return version_tuple(version) >= (0, 43)
     return True

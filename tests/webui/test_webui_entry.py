@@ -156,7 +156,7 @@ def test_install_in_a1111_never_touches_host_packages(installer, monkeypatch):
         assert not pip_names(command) & HOST, command
         assert "--upgrade" not in command and "-U" not in command.split()
     joined = " ".join(launch.calls)
-    assert '"lycoris-lora<4" --no-deps' in joined  # torch 2.1: lycoris 4 cannot import
+    assert "lycoris" not in joined  # LoHa/LoKr/DoRA are ours: nothing that needs torch >= 2.4
     assert '"bitsandbytes>=0.43,<0.46" --no-deps' in joined
     assert '"pytorch-optimizer>=3.1" --no-deps' in joined
     assert "einops" not in joined  # A1111 has it
@@ -166,22 +166,22 @@ def test_install_in_a1111_never_touches_host_packages(installer, monkeypatch):
     assert launch.calls == []
 
 
-def test_install_macos_skips_bitsandbytes_and_newer_torch_gets_new_lycoris(installer, monkeypatch):
+def test_install_macos_skips_bitsandbytes(installer, monkeypatch):
     module, launch, dists = installer
     monkeypatch.setattr(sys, "platform", "darwin")
     dists["torch"] = "2.4.1"
     module.main()
     joined = " ".join(launch.calls)
     assert "bitsandbytes" not in joined
-    assert '"lycoris-lora" --no-deps' in joined
+    assert '"pytorch-optimizer>=3.1" --no-deps' in joined
 
 
 def test_install_failure_is_logged_and_others_continue(installer, monkeypatch, capsys):
     module, launch, dists = installer
     monkeypatch.setattr(sys, "platform", "win32")
-    launch.fail = "lycoris"
+    launch.fail = "pytorch-optimizer"
     assert module.main() == 0
-    assert "could not install lycoris-lora<4" in capsys.readouterr().out
+    assert "could not install pytorch-optimizer" in capsys.readouterr().out
     assert any("bitsandbytes" in c for c in launch.calls)  # win + cu121
 
 
