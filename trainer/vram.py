@@ -31,11 +31,12 @@ GB = 1024**3
 # Saved-for-backward bytes per sample in float32 = fixed + per_px × latent pixels, fitted to two sizes
 # (16² and 32² latents) with saved_activation_bytes() on the real-size random U-Nets (LoRA on every
 # default module, SDPA attention, weights excluded): "full" without gradient checkpointing, "ckpt" with
-# it (block inputs plus the largest block, the peak during its recompute). SD2 shares SD1's layout.
+# it (block inputs plus the largest block, the peak during its recompute: an upper bound, diffusers
+# checkpoints finer than whole blocks). SD2 shares SD1's layout. SDXL was measured in bf16 and doubled.
 ACTIVATION_CALIBRATION: dict[str, dict[str, Any]] = {
     "SD1": {"full": (8_000_592, 446_911), "ckpt": (842_976, 172_744), "unet_params": 859_520_964},
     "SD2": {"full": (8_000_592, 446_911), "ckpt": (842_976, 172_744), "unet_params": 865_910_724},
-    "SDXL": {"full": (0, 0), "ckpt": (0, 0), "unet_params": 2_567_463_684},
+    "SDXL": {"full": (228_225_664, 1_213_375), "ckpt": (100_135_040, 442_417), "unet_params": 2_567_463_684},
 }
 
 OPTIMIZER_SLOTS = {"adamw": 2.0, "adam": 2.0, "adamw8bit": 0.5, "adam8bit": 0.5, "pagedadamw8bit": 0.5,
