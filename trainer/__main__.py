@@ -67,20 +67,32 @@ def build_settings(args: argparse.Namespace):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from trainer import distributed
     from trainer.hosts.standalone import StandaloneHost
     from trainer.progress import Events, TqdmSink
     from trainer.runner import run_job
 
     settings = build_settings(args)
-    host = StandaloneHost(args.models_dir, args.lora_dir, device=args.device)
-    stop = _StopOnSignal()
-    events = Events([TqdmSink(disable=args.quiet)])
+    # under torchrun (WORLD_SIZE > 1) this joins the process group; otherwise a one-process no-op
+    dp = distributed.from_env(args.device)
     try:
-        result = run_job(settings, host, events=events, stop=stop, logs_root=Path(args.logs_dir),
-                         json_root=Path(args.json_dir))
+        settings = dp.agree_seed(settings)
+        host = StandaloneHost(args.models_dir, args.lora_dir, device=dp.device)
+        stop = _StopOnSignal()
+        events = Events([TqdmSink(disable=args.quiet or not dp.is_main)])
+        try:
+            result = run_job(settings, host, events=events, stop=dp.wrap_stop(stop), logs_root=Path(args.logs_dir),
+                             json_root=Path(args.json_dir), rank=dp.rank, world_size=dp.world_size,
+                             grad_sync=dp.grad_sync)
+        finally:
+            events.close()
+            stop.restore()
+        if dp.active:
+            result["data_parallel"] = dp.check_sync()
     finally:
-        events.close()
-        stop.restore()
+        dp.close()
+    if not dp.is_main:
+        return 0
     print(result["message"])
     if args.result_json:
         from trainer.paths import atomic_write_text
