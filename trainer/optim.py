@@ -19,15 +19,9 @@ import torch
 
 from trainer.errors import MissingPackage, SettingsError
 
-SEPARATOR = "-" * 26
-# Dropdown order of the reference (§4.1), separators included.
-OPTIMIZER_CHOICES: tuple[str, ...] = (
-    "AdamW", "AdamW8bit", "AdaFactor", "Lion", "Prodigy", SEPARATOR,
-    "DadaptAdam", "DadaptLion", "DAdaptAdaGrad", "DAdaptAdan", "DAdaptSGD", SEPARATOR,
-    "Adam8bit", "SGDNesterov8bit", "Lion8bit", "PagedAdamW8bit", "PagedLion8bit", SEPARATOR,
-    "RAdamScheduleFree", "AdamWScheduleFree", "SGDScheduleFree", SEPARATOR,
-    "CAME", "Tiger", "AdamMini", "PagedAdamW", "PagedAdamW32bit", "SGDNesterov", "Adam",
-)  # fmt: skip
+# The dropdown order (separators included) is declared once, in the settings table.
+from trainer.settings import OPTIMIZERS as OPTIMIZER_CHOICES  # noqa: E402
+from trainer.settings import SEPARATOR  # noqa: E402
 
 _PYTORCH_OPTIMIZER = "pytorch-optimizer"
 # Keys we set ourselves; a user value for them would be a duplicate keyword.
