@@ -20,8 +20,8 @@ import torch
 from trainer.errors import MissingPackage, SettingsError
 
 # The dropdown order (separators included) is declared once, in the settings table.
-from trainer.settings import OPTIMIZERS as OPTIMIZER_CHOICES  # noqa: E402
-from trainer.settings import SEPARATOR  # noqa: E402
+from trainer.settings import OPTIMIZERS as OPTIMIZER_CHOICES
+from trainer.settings import SEPARATOR
 
 _PYTORCH_OPTIMIZER = "pytorch-optimizer"
 # Keys we set ourselves; a user value for them would be a duplicate keyword.
