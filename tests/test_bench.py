@@ -1,0 +1,58 @@
+"""The benchmark command: figures for a mode end to end on a tiny model, timing arithmetic, allocator tuning."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from trainer import bench
+
+
+def test_step_times_per_pass_drop_warmup():
+    timing = bench.JobTiming(started=0.0)
+    # pass 1: steps end at 1, 3, 4, 5, 6 (wall) / 10, 30, 40, 50, 60 (cpu); pass 2 at 10, 12, 13, 14
+    timing.steps = [(1, t, 10 * t) for t in (1, 3, 4, 5, 6)] + [(2, t, 10 * t) for t in (10, 12, 13, 14)]
+    wall, cpu = timing.step_times(1)
+    assert wall == [1.0, 1.0, 1.0] and cpu == [10.0, 10.0, 10.0]  # step 2 (3 - 1 = 2 s) is warm-up
+    assert timing.step_times(2)[0] == [1.0, 1.0]  # the gap between the passes never counts
+
+
+def test_ttfs_parts_add_up():
+    timing = bench.JobTiming(started=10.0)
+    timing.marks = {"encode_start": 14.0, "encode_end": 17.0, "pass_start": 17.5, "first_step": 18.0}
+    parts = bench._ttfs_parts(timing)
+    assert parts == {"time_to_first_step_s": 8.0, "ttfs_model_s": 4.0, "ttfs_caching_s": 3.0, "ttfs_setup_s": 0.5,
+                     "ttfs_first_step_s": 0.5}
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallopt tuning is Linux/glibc only")
+def test_tune_malloc_is_idempotent_and_can_be_turned_off(monkeypatch):
+    monkeypatch.setitem(bench._malloc_state, "tuned", False)
+    monkeypatch.setenv("TRAINTRAIN_MALLOC_TUNE", "0")
+    assert bench.tune_malloc() is False
+    monkeypatch.delenv("TRAINTRAIN_MALLOC_TUNE")
+    first = bench.tune_malloc()
+    assert bench.tune_malloc() is first
+    assert first is True or "musl" in " ".join(__import__("platform").libc_ver())
+
+
+@pytest.mark.parametrize("mode", ["LoRA", "Difference"])
+def test_bench_writes_figures_for_a_mode(tmp_path, mode):
+    out = tmp_path / "b.json"
+    code = bench.main(["--model", "tiny-sd1", "--mode", mode, "--steps", "4", "--rounds", "1", "--resolution", "64",
+                       "--batch", "1", "--rank", "4", "--images", "4", "--threads", "1", "--json", str(out)])
+    assert code == 0
+    figures = json.loads(out.read_text(encoding="utf-8"))
+    assert figures["mode"] == mode and figures["rounds"] == 2 and figures["cpu_threads"] == 1
+    assert figures["step_s_median"] > 0 and figures["minimal_step_s_median"] > 0
+    assert 0.2 < figures["overhead_ratio_cpu"] < 5  # same work on both sides: far from 0 or 10
+    parts = [figures[k] for k in ("ttfs_model_s", "ttfs_caching_s", "ttfs_setup_s", "ttfs_first_step_s")]
+    assert sum(parts) == pytest.approx(figures["time_to_first_step_s"], abs=0.01)
+    assert figures["peak_rss_mb"] > 100 and figures["vram_estimate_gb"] > 0
+    if mode == "LoRA":
+        assert figures["latent_cache_images_per_s"] > 0 and figures["ttfs_caching_s"] > 0
+        assert figures["text_encoder_trained"] is True  # default blocks include BASE
+    else:
+        assert figures["overhead_ratio_pass2"] > 0  # Difference: pass 2 against a stacked minimal loop
