@@ -196,6 +196,11 @@ def _torch(cls_name: str, **defaults: object) -> Callable[[_Request], torch.opti
     def factory(req: _Request) -> torch.optim.Optimizer:
         cls = getattr(torch.optim, cls_name)
         req.kwargs = {**defaults, **req.kwargs}
+        params = [p for g in req.groups for p in g["params"]]
+        # one fused kernel per step instead of ~10 per tensor; CUDA float params only, the user's choice wins
+        if (cls_name in ("Adam", "AdamW") and params and "fused" not in req.kwargs and "foreach" not in req.kwargs
+                and all(p.is_cuda and p.is_floating_point() for p in params)):
+            req.kwargs["fused"] = True
         return _construct(req, cls, req.groups, lr=req.lr)
 
     return factory
