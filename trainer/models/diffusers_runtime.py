@@ -136,10 +136,30 @@ class DiffusersBundle:
             time_ids = torch.tensor([h, w, 0, 0, h, w], device=self.device, dtype=self.dtype)
             added = {"text_embeds": cond.pooled.to(self.device, self.dtype),
                      "time_ids": time_ids.expand(noisy.shape[0], 6)}
-        out = self.unet(noisy.to(self.device, self.dtype), timesteps.to(self.device),
+        compiled = getattr(self, "_compiled", None)
+        unet = self.unet if compiled is None else compiled
+        out = unet(noisy.to(self.device, self.dtype), timesteps.to(self.device),
                         encoder_hidden_states=cond.context.to(self.device, self.dtype),
                         added_cond_kwargs=added, return_dict=False)[0]
         return out.float()
+
+    def set_compile(self, enabled: bool) -> str | None:
+        """``train_compile``: None, or why the U-Net stays uncompiled.
+
+        Refused for now: with the adapters patched into module forwards, ``torch.compile`` (torch 2.13,
+        CPU, tiny-sd1) ran, but its adapter gradients did not match eager ones (and the first step took
+        125 s to compile), so compiling would silently train something else.
+        """
+        self._compiled = None
+        if not enabled:
+            return None
+        version = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2])
+        if not hasattr(torch, "compile") or version < (2, 1):
+            return f"train_compile needs torch 2.1 or newer (this is {torch.__version__}); training uncompiled"
+        if os.name == "nt":
+            return "train_compile is not supported on Windows (no Triton); training uncompiled"
+        return ("train_compile is not supported with patched adapters yet (compiled gradients differ from eager); "
+                "training uncompiled")
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         """Non-reentrant activation checkpointing of the U-Net blocks (reentrant breaks LoRA grads)."""
