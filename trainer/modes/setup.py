@@ -90,6 +90,10 @@ class RunContext:
                          rank=rank, world_size=world_size, grad_sync=grad_sync)
         for note in precision.notes:
             ctx.note(note)
+        if hasattr(bundle, "set_compile"):  # set every job: the host reuses a cached bundle between jobs
+            why = bundle.set_compile(bool(getattr(settings, "train_compile", False)))
+            if why:
+                ctx.note(why)
         return ctx
 
     def note(self, text: str) -> None:
