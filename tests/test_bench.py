@@ -56,3 +56,54 @@ def test_bench_writes_figures_for_a_mode(tmp_path, mode):
         assert figures["text_encoder_trained"] is True  # default blocks include BASE
     else:
         assert figures["overhead_ratio_pass2"] > 0  # Difference: pass 2 against a stacked minimal loop
+
+
+def test_full_bf16_trains_bf16_adapters(tmp_path, monkeypatch):
+    """The fast path's train_full_bf16: adapters (and so their AdamW state) in bf16, the run finishes and saves."""
+    import torch
+
+    import trainer.modes.ileco as ileco
+    from trainer.hosts.standalone import StandaloneHost
+    from trainer.progress import Events
+    from trainer.runner import run_job
+    from trainer.settings import Settings
+
+    built = []
+    original = ileco.build_adapters
+
+    def spy(*args, **kwargs):
+        built.append(original(*args, **kwargs))
+        return built[-1]
+
+    monkeypatch.setattr(ileco, "build_adapters", spy)
+    settings = Settings.from_layers({"mode": "iLECO", "model": "tiny-sd1", "original prompt": "a cat",
+                                     "target prompt": "a dog", "train_iterations": 3, "train_batch_size": 1,
+                                     "image_size(height, width)": "64", "train_full_bf16": True, "train_compile": True,
+                                     "train_model_precision": "bf16", "logging_save_csv": False,
+                                     "effect_check": False, "save_lora_name": "bf", "save_overwrite": True})
+    result = run_job(settings, StandaloneHost(lora_dir=tmp_path, device="cpu"), events=Events([]))
+    assert result["status"] == "done" and result["final_loss"] == result["final_loss"]  # finite, not NaN
+    assert {p.dtype for p in built[0].parameters()} == {torch.bfloat16}
+    assert (tmp_path / "bf.safetensors").is_file()
+    assert any(n.startswith("train_compile is not supported") for n in result["notes"])  # said, not silent
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from trainer.models.diffusers_runtime import load_bundle
+
+    return load_bundle("tiny-sd1", device="cpu")
+
+
+def test_compile_guards(tiny, monkeypatch):
+    import torch
+
+    assert tiny.set_compile(False) is None and tiny._compiled is None
+    monkeypatch.setattr(torch, "__version__", "2.0.1+cu118")
+    assert "torch 2.1 or newer" in tiny.set_compile(True) and tiny._compiled is None
+    monkeypatch.setattr(torch, "__version__", "2.3.0")
+    monkeypatch.setattr("trainer.models.diffusers_runtime.os.name", "nt")
+    assert "Windows" in tiny.set_compile(True) and tiny._compiled is None
+    monkeypatch.setattr("trainer.models.diffusers_runtime.os.name", "posix")
+    # compiled adapter gradients did not match eager ones: refused, with the reason, until that is fixed
+    assert "not supported with patched adapters" in tiny.set_compile(True) and tiny._compiled is None
