@@ -28,11 +28,13 @@ def test_ttfs_parts_add_up():
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallopt tuning is Linux/glibc only")
-def test_tune_malloc_is_idempotent_and_can_be_turned_off(monkeypatch):
+def test_tune_malloc_is_opt_in_and_idempotent(monkeypatch):
     monkeypatch.setitem(bench._malloc_state, "tuned", False)
+    monkeypatch.delenv("TRAINTRAIN_MALLOC_TUNE", raising=False)
+    assert bench.tune_malloc() is False  # opt-in
     monkeypatch.setenv("TRAINTRAIN_MALLOC_TUNE", "0")
     assert bench.tune_malloc() is False
-    monkeypatch.delenv("TRAINTRAIN_MALLOC_TUNE")
+    monkeypatch.setenv("TRAINTRAIN_MALLOC_TUNE", "1")
     first = bench.tune_malloc()
     assert bench.tune_malloc() is first
     assert first is True or "musl" in " ".join(__import__("platform").libc_ver())
