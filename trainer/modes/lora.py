@@ -22,6 +22,7 @@ from trainer.modes.setup import (
     build_adapters,
     encode_dataset_images,
     finish,
+    plan_kwargs,
     run_pass,
     train_text_encoder,
 )
@@ -36,12 +37,7 @@ def load_dataset(ctx: RunContext, s):
     scan = scan_images(s.lora_data_directory)
     for path, reason in scan.skipped:
         ctx.note(f"skipped {path}: {reason}")
-    plan = plan_samples(
-        scan.images, size_hw=tuple(s.image_size), bucket_step=int(s.image_buckets_step), min_length=int(s.image_min_length),
-        max_ratio=float(s.image_max_ratio), sub_image_num=int(s.sub_image_num), mirroring=bool(s.image_mirroring),
-        disable_upscale=bool(s.image_disable_upscale), num_multiply=int(s.image_num_multiply),
-        trigger=s.lora_trigger_word, use_filename_as_tag=bool(s.image_use_filename_as_tag),
-    )
+    plan = plan_samples(scan.images, **plan_kwargs(s))
     return plan, encode_dataset_images(ctx, plan)
 
 

@@ -19,6 +19,7 @@ from trainer.modes.setup import (
     build_adapters,
     encode_dataset_images,
     finish,
+    plan_kwargs,
     run_pass,
 )
 
@@ -32,12 +33,7 @@ def planned_suffixes(s) -> list[str]:
 def run(ctx: RunContext) -> ModeOutcome:
     s, bundle = ctx.settings, ctx.bundle
     scan = scan_images(s.lora_data_directory)
-    plan = plan_pairs(
-        scan.images, diff_target_name=s.diff_target_name, size_hw=tuple(s.image_size),
-        bucket_step=int(s.image_buckets_step), min_length=int(s.image_min_length), max_ratio=float(s.image_max_ratio),
-        sub_image_num=int(s.sub_image_num), mirroring=bool(s.image_mirroring), disable_upscale=bool(s.image_disable_upscale),
-        num_multiply=int(s.image_num_multiply), trigger=s.lora_trigger_word, use_filename_as_tag=bool(s.image_use_filename_as_tag),
-    )
+    plan = plan_pairs(scan.images, diff_target_name=s.diff_target_name, **plan_kwargs(s))
     data = encode_dataset_images(ctx, plan, pairs=True)
     batcher = ctx.track("batcher", BucketBatcher(data, int(s.train_batch_size), ctx.seed, ctx.rank, ctx.world_size))
     bundle.offload("vae")

@@ -348,6 +348,16 @@ class CaptionConds:
         return self.conds.select(idx)
 
 
+def plan_kwargs(s) -> dict[str, Any]:
+    """The dataset settings ``plan_samples`` and ``plan_pairs`` share, read once from ``s``."""
+    return {
+        "size_hw": tuple(s.image_size), "bucket_step": int(s.image_buckets_step), "min_length": int(s.image_min_length),
+        "max_ratio": float(s.image_max_ratio), "sub_image_num": int(s.sub_image_num), "mirroring": bool(s.image_mirroring),
+        "disable_upscale": bool(s.image_disable_upscale), "num_multiply": int(s.image_num_multiply),
+        "trigger": s.lora_trigger_word, "use_filename_as_tag": bool(s.image_use_filename_as_tag),
+    }
+
+
 def encode_dataset_images(ctx: RunContext, plan, *, pairs: bool = False):
     """Encode a data plan's images once, in batches, with a seeded latent sample; keep them on the device."""
     from trainer.data import encode_pairs, encode_samples
