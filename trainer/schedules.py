@@ -9,6 +9,7 @@ past its length (the reference raised at its last step, behavior §17 #3).
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from collections.abc import Callable
@@ -347,10 +348,21 @@ def _reject_unknown(scheduler: str, kwargs: dict, accepted: tuple[str, ...] | li
             )
 
 
+@functools.lru_cache(maxsize=1)
+def _cyclic_cycles_betas() -> bool:
+    """torch < 2.2's CyclicLR can cycle only ``momentum``, not Adam's ``betas`` (found on A1111's torch 2.1)."""
+    param = torch.nn.Parameter(torch.zeros(1))
+    try:
+        torch.optim.lr_scheduler.CyclicLR(torch.optim.Adam([param], lr=1e-3), 1e-5, 1e-3, cycle_momentum=True)
+    except ValueError:
+        return False
+    return True
+
+
 def _cyclic_defaults(plan: _Plan) -> dict:
     """CyclicLR cycles momentum by default and raises on optimizers without it; only cycle what exists."""
     defaults = plan.optimizer.defaults
-    has_momentum = float(defaults.get("momentum") or 0) > 0 or "betas" in defaults
+    has_momentum = float(defaults.get("momentum") or 0) > 0 or ("betas" in defaults and _cyclic_cycles_betas())
     return {"base_lr": 1e-5, "max_lr": 1e-3, "mode": "triangular", "cycle_momentum": has_momentum}
 
 
