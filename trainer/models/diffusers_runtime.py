@@ -164,9 +164,14 @@ class DiffusersBundle:
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         """Non-reentrant activation checkpointing of the U-Net blocks (reentrant breaks LoRA grads)."""
         if enabled:
-            self.unet.enable_gradient_checkpointing(gradient_checkpointing_func=_checkpoint_non_reentrant)
+            try:
+                self.unet.enable_gradient_checkpointing(gradient_checkpointing_func=_checkpoint_non_reentrant)
+            except TypeError:  # diffusers < 0.32 takes no function and already checkpoints non-reentrantly,
+                self.unet.enable_gradient_checkpointing()  # but only in train mode (no dropout in SD U-Nets)
+                self.unet.train()
         else:
             self.unet.disable_gradient_checkpointing()
+            self.unet.eval()
 
     def offload(self, *parts: str) -> None:
         """Move ``"vae"`` and/or ``"text_encoders"`` to the CPU.
