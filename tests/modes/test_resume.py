@@ -21,7 +21,7 @@ def _inputs(mode, tmp_path, image_folder, image_pair):
         return {"lora_data_directory": str(image_folder)}
     if mode == "iLECO":
         return {"original prompt": "a cat", "target prompt": "a dog"}
-    if mode == "ADDifT":
+    if mode in ("ADDifT", "Difference"):
         return {"original image": str(image_pair[0]), "target image": str(image_pair[1])}
     folder = tmp_path / "pairs"
     folder.mkdir()
@@ -43,11 +43,12 @@ def _run(tmp_path, values, stop_after=None):
     return run_job(settings, StandaloneHost(lora_dir=tmp_path / "lora", device="cpu"), events=Events(), stop=stop)
 
 
-@pytest.mark.parametrize("mode", ["LoRA", "iLECO", "ADDifT", "Multi-ADDifT"])
-def test_resume_continues_to_the_same_result(mode, tmp_path, image_folder, image_pair):
+@pytest.mark.parametrize("mode,stop_after", [("LoRA", 4), ("iLECO", 4), ("ADDifT", 4), ("Multi-ADDifT", 4),
+                                             ("Difference", 4), ("Difference", 12)])  # 12: in pass 2 of 8 + 8
+def test_resume_continues_to_the_same_result(mode, stop_after, tmp_path, image_folder, image_pair):
     inputs = {"mode": mode, **_inputs(mode, tmp_path, image_folder, image_pair)}
     straight = _run(tmp_path, {**inputs, "save_lora_name": "straight"})
-    stopped = _run(tmp_path, {**inputs, "save_lora_name": "resumed"}, stop_after=4)
+    stopped = _run(tmp_path, {**inputs, "save_lora_name": "resumed"}, stop_after=stop_after)
     assert stopped["status"] == "saved_stop" and stopped["steps"] == 4
     state = state_path(stopped["lora_path"])
     assert state.is_file()

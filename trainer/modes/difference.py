@@ -17,6 +17,7 @@ from trainer.effect import measure_effect
 from trainer.errors import InputError, SettingsError
 from trainer.modes.common import check_timestep_range, sample_timesteps, save_steps
 from trainer.modes.inputs import encode_prompt_pair, load_image_pair
+from trainer.modes.resume import read_state
 from trainer.modes.setup import ModeOutcome, RunContext, build_adapters, finish, run_pass, save_network
 
 
@@ -63,9 +64,9 @@ def denoise_loss(ctx: RunContext, s, latent: torch.Tensor, cond, gen: torch.Gene
 
 def run(ctx: RunContext) -> ModeOutcome:
     s, bundle = ctx.settings, ctx.bundle
-    if s.train_resume_state:
-        raise SettingsError("train_resume_state", "full resume is not available for Difference yet; "
-                            "reuse a saved copier with diff_load_1st_pass instead")
+    # a pass-1 state resumes the copier; a pass-2 state carries the trained copier and resumes pass 2
+    state = read_state(s.train_resume_state) if s.train_resume_state else None
+    resume_pass = state["pass_index"] if state else 0
     pair = load_image_pair(ctx, s)
     cond, _ = encode_prompt_pair(bundle, s.original_prompt, s.target_prompt)
     bundle.offload("vae")
@@ -75,18 +76,23 @@ def run(ctx: RunContext) -> ModeOutcome:
              "traintrain_original_prompt": s.original_prompt, "traintrain_image_size": "x".join(map(str, pair.size_hw))}
     networks = []
     try:
-        copier, outcome = _copier(ctx, s, pair, cond, extra)
+        if resume_pass == 2:
+            copier, outcome = _copier_from_state(ctx, s, state), None
+        else:
+            copier, outcome = _copier(ctx, s, pair, cond, extra)
         networks.append(copier)
         if outcome is not None:
             return outcome
         s2 = s.for_pass(2)
+        ctx.frozen_networks["copier"] = copier
         with copier.frozen():  # the copier stays attached at multiplier 1 and receives no gradient
             copier.set_multiplier(1.0)
             diff = build_adapters(ctx, s2, seed_offset=1)
             networks.append(diff)
             gen = ctx.generator(2)  # pass 2 draws its own noise stream from the job seed
             result, written = run_pass(ctx, s2, diff, denoise_loss(ctx, s2, pair.target, cond, gen), pass_index=2,
-                                       summary={"pass": "difference"}, extra=extra)
+                                       summary={"pass": "difference"}, extra=extra,
+                                       resume=s.train_resume_state if resume_pass == 2 else "")
 
             def probe() -> float:
                 return measure_effect(bundle, diff, cond, latent_hw=tuple(pair.target.shape[-2:]),
@@ -98,6 +104,16 @@ def run(ctx: RunContext) -> ModeOutcome:
         for network in reversed(networks):
             network.detach()
         bundle.set_gradient_checkpointing(False)
+
+
+def _copier_from_state(ctx: RunContext, s, state):
+    """The trained copier saved in a pass-2 resume state (pass 1 is not run again)."""
+    if "copier" not in state.get("frozen", {}):
+        raise SettingsError("train_resume_state", "this pass-2 state holds no copier; resume from a newer state file")
+    copier = build_adapters(ctx, s)
+    copier.load_state_dict(state["frozen"]["copier"], strict=True)
+    ctx.events.info("copier restored from the resume state; pass 1 skipped")
+    return copier
 
 
 def _copier(ctx: RunContext, s, pair, cond, extra):
@@ -112,7 +128,8 @@ def _copier(ctx: RunContext, s, pair, cond, extra):
         return copier, None
     copier = build_adapters(ctx, s)
     result, written = run_pass(ctx, s, copier, denoise_loss(ctx, s, pair.original, cond, ctx.generator(1)),
-                               suffix="_copy", csv_suffix="_copy", summary={"pass": "copier"}, extra=extra)
+                               suffix="_copy", csv_suffix="_copy", summary={"pass": "copier"}, extra=extra,
+                               resume=s.train_resume_state)
     ctx.files.extend((p, None) for p in written)
     if result.status != "done":
         return copier, ModeOutcome(result.status, Path(result.last_save) if result.last_save else None, result.steps,

@@ -31,7 +31,8 @@ def _describe(settings) -> dict[str, str]:
 
 
 def save_state(path: Path, *, step: int, pass_index: int, settings, network, optimizer, schedule,
-               generators: dict[int, torch.Generator], tracked: dict[str, Any]) -> Path:
+               generators: dict[int, torch.Generator], tracked: dict[str, Any],
+               frozen: dict[str, Any] | None = None) -> Path:
     """Write the resume state atomically (torch.save into memory, then temp file + rename)."""
     state = {
         "version": STATE_VERSION,
@@ -43,10 +44,28 @@ def save_state(path: Path, *, step: int, pass_index: int, settings, network, opt
         "schedule": schedule.state_dict(),
         "generators": {str(k): g.get_state() for k, g in generators.items()},
         "tracked": {name: obj.state_dict() for name, obj in tracked.items()},
+        # networks that stay attached but do not train (Difference's copier in pass 2)
+        "frozen": {name: {k: v.detach().to("cpu", torch.float32) for k, v in net.state_dict().items()}
+                   for name, net in (frozen or {}).items()},
     }
     buffer = io.BytesIO()
     torch.save(state, buffer)
     return atomic_write_bytes(path, buffer.getvalue())
+
+
+def read_state(path: str | Path) -> dict[str, Any]:
+    """Read a state file (weights-only unpickling).
+
+    Raises:
+        InputError: the file is missing or not a TrainTrain state.
+    """
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, ValueError) as err:  # weights_only refuses pickled code with RuntimeError
+        raise InputError(str(path), f"is not a readable TrainTrain state file ({err}); choose a *.state.pt file") from err
+    if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+        raise InputError(str(path), "is not a TrainTrain state file; choose the *.state.pt saved beside a step LoRA")
+    return state
 
 
 def load_state(path: str | Path, settings, pass_index: int = 1) -> dict[str, Any]:
@@ -56,12 +75,7 @@ def load_state(path: str | Path, settings, pass_index: int = 1) -> dict[str, Any
         InputError: the file is missing or not a TrainTrain state.
         SettingsError: ``train_resume_state``: a shape-defining setting differs (names both values).
     """
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, ValueError) as err:  # weights_only refuses pickled code with RuntimeError
-        raise InputError(str(path), f"is not a readable TrainTrain state file ({err}); choose a *.state.pt file") from err
-    if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
-        raise InputError(str(path), "is not a TrainTrain state file; choose the *.state.pt saved beside a step LoRA")
+    state = read_state(path)
     saved, now = state["settings"], _describe(settings)
     diffs = [f"{k}: state {saved.get(k)!r} vs now {now[k]!r}" for k in SHAPE_KEYS if saved.get(k) != now[k]]
     if diffs:

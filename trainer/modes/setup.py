@@ -79,6 +79,7 @@ class RunContext:
     grad_sync: Callable[[list[torch.Tensor]], None] | None = None
     generators: dict[int, torch.Generator] = field(default_factory=dict)  # saved in resume states
     tracked: dict[str, Any] = field(default_factory=dict)  # other resumable parts (the data batcher)
+    frozen_networks: dict[str, Any] = field(default_factory=dict)  # e.g. the copier under pass 2, kept in states
 
     @staticmethod
     def create(settings, bundle, events: Events, stop, out: OutputPlan, seed: int, *, rank: int = 0,
@@ -244,8 +245,12 @@ def run_pass(
     epoch: Callable[[], int] = lambda: 0,
     summary: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
+    resume: str | None = None,
 ) -> tuple[PassResult, list[Path]]:
     """Train one pass of ``s.train_iterations`` steps with CSV logging, periodic and stop saves.
+
+    Args:
+        resume: a state file to continue from; None reads ``s.train_resume_state``, "" starts fresh.
 
     Returns:
         The pass result and the step/stop files written during it.
@@ -266,11 +271,12 @@ def run_pass(
         train_mode(optimizer.optimizer)
         if ctx.is_main:  # the state to continue from this step (train mode: the optimizer as it trains)
             save_state(state_path(path), step=int(step or total), pass_index=pass_index, settings=s, network=network,
-                       optimizer=optimizer.optimizer, schedule=schedule, generators=ctx.generators, tracked=ctx.tracked)
+                       optimizer=optimizer.optimizer, schedule=schedule, generators=ctx.generators, tracked=ctx.tracked,
+                       frozen=ctx.frozen_networks)
         return str(path)
 
     start = 0
-    resume_from = getattr(s, "train_resume_state", "") or ""
+    resume_from = (getattr(s, "train_resume_state", "") or "") if resume is None else resume
     if resume_from:
         state = load_state(resume_from, s, pass_index)
         start = restore_state(state, network=network, optimizer=optimizer.optimizer, schedule=schedule,
