@@ -26,7 +26,10 @@ def _calls(tree: ast.AST):
         if isinstance(node, ast.Call):
             fn = node.func
             name = fn.id if isinstance(fn, ast.Name) else fn.attr if isinstance(fn, ast.Attribute) else ""
-            owner = fn.value.id if isinstance(fn, ast.Attribute) and isinstance(fn.value, ast.Name) else ""
+            # "" only for bare names: ``eval(text)`` is the builtin, ``model.eval()`` a method
+            owner = "" if isinstance(fn, ast.Name) else "<expr>"
+            if isinstance(fn, ast.Attribute) and isinstance(fn.value, ast.Name):
+                owner = fn.value.id
             yield node, owner, name
 
 
