@@ -15,7 +15,7 @@ import pytest
 
 pytestmark = pytest.mark.browser
 TIMEOUT_MS = 300_000
-STEPS = 40
+STEPS = 120  # long enough that a 1 s poll sees the run mid-way even on a fast machine
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts" / os.environ.get("TT_ARTIFACT_TAG", "current")
 
 
