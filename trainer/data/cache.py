@@ -47,6 +47,9 @@ class BucketData:
     captions: list[str]
     samples: list[Sample]
 
+    def __len__(self) -> int:
+        return len(self.captions)
+
 
 @dataclass
 class PairBucketData:
@@ -59,6 +62,9 @@ class PairBucketData:
     orig_captions: list[str]
     targ_captions: list[str]
     pairs: list[PairSample]
+
+    def __len__(self) -> int:
+        return len(self.orig_captions)
 
 
 @dataclass
@@ -84,20 +90,26 @@ class PairBatch:
     targ_captions: list[str]
 
 
+class _Counted:
+    """Counts shared by :class:`CachedData` and :class:`CachedPairs` (what the batcher reads)."""
+
+    buckets: list
+
+    def item_counts(self) -> list[int]:
+        """Items per bucket, in ``buckets`` order (the batcher's input)."""
+        return [len(b) for b in self.buckets]
+
+    def counts(self) -> dict[Bucket, int]:
+        """``{bucket: items}`` for the start-of-run summary."""
+        return {b.bucket: n for b, n in zip(self.buckets, self.item_counts(), strict=True)}
+
+
 @dataclass
-class CachedData:
+class CachedData(_Counted):
     """Encoded LoRA-mode data; ``buckets`` holds only non-empty buckets, in ratio order."""
 
     buckets: list[BucketData]
     num_multiply: int = 1
-
-    def item_counts(self) -> list[int]:
-        """Items per bucket, in ``buckets`` order (the batcher's input)."""
-        return [len(b.captions) for b in self.buckets]
-
-    def counts(self) -> dict[Bucket, int]:
-        """``{bucket: samples}`` for the start-of-run summary."""
-        return {b.bucket: len(b.captions) for b in self.buckets}
 
     def gather(self, bucket_index: int, indices: list[int]) -> Batch:
         """The items ``indices`` of bucket ``bucket_index`` as one batch (CPU tensors)."""
@@ -107,19 +119,11 @@ class CachedData:
 
 
 @dataclass
-class CachedPairs:
+class CachedPairs(_Counted):
     """Encoded Multi-ADDifT pairs; same interface as :class:`CachedData` for the batcher."""
 
     buckets: list[PairBucketData]
     num_multiply: int = 1
-
-    def item_counts(self) -> list[int]:
-        """Pairs per bucket, in ``buckets`` order."""
-        return [len(b.orig_captions) for b in self.buckets]
-
-    def counts(self) -> dict[Bucket, int]:
-        """``{bucket: pairs}``."""
-        return {b.bucket: len(b.orig_captions) for b in self.buckets}
 
     def gather(self, bucket_index: int, indices: list[int]) -> PairBatch:
         """The pairs ``indices`` of bucket ``bucket_index`` as one batch (CPU tensors)."""
