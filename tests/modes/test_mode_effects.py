@@ -157,6 +157,8 @@ def test_addift_is_a_signed_slider_from_original_to_target(trainer, image_pair):
                          train_learning_rate="1e-3", network_type="c3lier", network_rank=16, network_alpha=16, train_batch_size=1, train_min_timesteps=200, train_max_timesteps=800,
                          **{"original image": str(orig), "target image": str(targ)})
     assert result["status"] == "done"
+    # conditioning is encoded once here: no (zero) text-encoder adapters in the file (§17 #17)
+    assert not any(k.startswith("lora_te") for k in load_lora(result["lora_path"])[0])
     shifts = _signed_shift(trainer, trainer.bundle("tiny-sd1"), result["lora_path"], (orig, targ))
     assert shifts[0.25] > 0 > shifts[-0.25], shifts  # the trained strengths move with the sign
     assert shifts[1.0] > shifts[-1.0], shifts  # and the slider's odd part grows with it at ±1

@@ -77,7 +77,7 @@ def run(ctx: RunContext) -> ModeOutcome:
     bundle.offload("vae")
     bundle.offload("text_encoders")
     bundle.set_gradient_checkpointing(bool(s.use_gradient_checkpointing))
-    network = build_adapters(ctx, s, resume=s.diff_load_1st_pass or s.network_resume)
+    network = build_adapters(ctx, s, resume=s.diff_load_1st_pass or s.network_resume, text_encoder=False)
     x_o = pair.original.expand(batch, *pair.original.shape[1:])
     x_t = pair.target.expand(batch, *pair.target.shape[1:])
     c_o, c_t, mask = c_o.repeat(batch), c_t.repeat(batch), pair.diff_mask.expand(batch, -1, -1, -1)

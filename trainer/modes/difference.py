@@ -87,7 +87,7 @@ def run(ctx: RunContext) -> ModeOutcome:
         ctx.frozen_networks["copier"] = copier
         with copier.frozen():  # the copier stays attached at multiplier 1 and receives no gradient
             copier.set_multiplier(1.0)
-            diff = build_adapters(ctx, s2, seed_offset=1)
+            diff = build_adapters(ctx, s2, seed_offset=1, text_encoder=False)
             networks.append(diff)
             gen = ctx.generator(2)  # pass 2 draws its own noise stream from the job seed
             result, written = run_pass(ctx, s2, diff, denoise_loss(ctx, s2, pair.target, cond, gen), pass_index=2,
@@ -110,7 +110,7 @@ def _copier_from_state(ctx: RunContext, s, state):
     """The trained copier saved in a pass-2 resume state (pass 1 is not run again)."""
     if "copier" not in state.get("frozen", {}):
         raise SettingsError("train_resume_state", "this pass-2 state holds no copier; resume from a newer state file")
-    copier = build_adapters(ctx, s)
+    copier = build_adapters(ctx, s, text_encoder=False)
     copier.load_state_dict(state["frozen"]["copier"], strict=True)
     ctx.events.info("copier restored from the resume state; pass 1 skipped")
     return copier
@@ -126,7 +126,7 @@ def _copier(ctx: RunContext, s, pair, cond, extra):
         copier.attach()
         ctx.events.info(f"copier loaded from {path}: {copier.summary()}; pass 1 skipped")
         return copier, None
-    copier = build_adapters(ctx, s)
+    copier = build_adapters(ctx, s, text_encoder=False)
     result, written = run_pass(ctx, s, copier, denoise_loss(ctx, s, pair.original, cond, ctx.generator(1)),
                                suffix="_copy", csv_suffix="_copy", summary={"pass": "copier"}, extra=extra,
                                resume=s.train_resume_state)

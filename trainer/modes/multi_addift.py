@@ -41,7 +41,7 @@ def run(ctx: RunContext) -> ModeOutcome:
     conds = CaptionConds(bundle, captions)  # per-pair captions really condition training (§17 #4)
     bundle.offload("text_encoders")
     bundle.set_gradient_checkpointing(bool(s.use_gradient_checkpointing))
-    network = build_adapters(ctx, s, resume=s.diff_load_1st_pass or s.network_resume)
+    network = build_adapters(ctx, s, resume=s.diff_load_1st_pass or s.network_resume, text_encoder=False)
 
     def draw(step: int):
         ref = next(batcher)

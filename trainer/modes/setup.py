@@ -150,13 +150,23 @@ def seed_everything(seed: int) -> None:
 # -- adapters ------------------------------------------------------------------------------------
 
 
-def build_adapters(ctx: RunContext, s, *, resume: str = "", seed_offset: int = 0):
-    """Build, optionally initialise from a file, and attach a network for settings ``s``."""
+def build_adapters(ctx: RunContext, s, *, resume: str = "", seed_offset: int = 0, text_encoder: bool = True):
+    """Build, optionally initialise from a file, and attach a network for settings ``s``.
+
+    Args:
+        text_encoder: False for modes whose conditioning is computed once before training: text-encoder
+            adapters there would never receive a gradient and would be saved as zeros (§17 #17).
+    """
+    import dataclasses
+
     from trainer.network import NetworkSpec, build_network, load_network_weights
 
     # seed right before init so a pass's adapters do not depend on what ran before it
     torch.manual_seed((ctx.seed + seed_offset) % 2**63)
     spec = NetworkSpec.from_settings(s)
+    if not text_encoder and "BASE" in spec.blocks:
+        spec = dataclasses.replace(spec, blocks=tuple(b for b in spec.blocks if b != "BASE"))
+        ctx.events.info(f"{s.mode}: BASE (text encoder) is not trained in this mode; its prompts are encoded once")
     network = build_network(ctx.bundle, spec, dtype=ctx.precision.adapter_dtype, device=ctx.bundle.device)
     for warning in getattr(network, "warnings", ()):
         ctx.note(warning)
