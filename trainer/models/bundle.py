@@ -73,8 +73,8 @@ class Cond:
 
     @staticmethod
     def cat(conds: Sequence[Cond]) -> Cond:
-        """Concatenate along the batch axis; contexts of different token lengths are padded by
-        repeating their last 77-token chunk is not meaningful, so lengths must match."""
+        """Concatenate along the batch axis. Token lengths must match: encode prompts that are batched
+        together in one ``encode_prompts`` call (long prompts give 77·k tokens)."""
         pooled = None if conds[0].pooled is None else torch.cat([c.pooled for c in conds])  # type: ignore[misc]
         return Cond(torch.cat([c.context for c in conds]), pooled)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -250,9 +250,3 @@ def train_pass(
         if request:
             return PassResult(step, value, "stopped", last_save)
     return PassResult(total_steps, value, "done", last_save)
-
-
-def cycle(factory: Callable[[], Iterator]) -> Iterator:
-    """Endless iteration over a re-creatable iterator (epochs of a dataset)."""
-    while True:
-        yield from factory()
