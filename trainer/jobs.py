@@ -259,7 +259,7 @@ class Worker:
         return Progress(job_id, record.name, event.step, event.total, event.loss, event.loss_ema, dict(event.lrs),
                         event.epoch, event.elapsed_s, event.eta_s, event.pass_index, text)
 
-    def history(self, job_id: str | None = None) -> list[dict[str, float]]:
+    def history(self) -> list[dict[str, float]]:
         """Loss rows of the running (or last) job, for the live curve."""
         return list(self._history.rows)
 

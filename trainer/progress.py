@@ -136,7 +136,6 @@ class TqdmSink:
         self.file = file or sys.stderr
         self.disable = disable
         self._bar = None
-        self._pass = 0
 
     def on_event(self, event: Event) -> None:
         if self.disable:
@@ -145,7 +144,6 @@ class TqdmSink:
 
         if isinstance(event, RunSummary):
             self.close()
-            self._pass = event.pass_index
             desc = event.mode if event.pass_index == 1 else f"{event.mode} pass 2"
             self._bar = tqdm(total=event.total_steps, desc=desc, file=self.file, dynamic_ncols=True)
         elif isinstance(event, ProgressEvent) and self._bar is not None:
