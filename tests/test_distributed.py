@@ -198,18 +198,21 @@ def _dataset(folder: Path, pairs: bool) -> Path:
     return folder
 
 
-def _torchrun(tmp_path: Path, mode: str, data: Path, nproc: int = 2) -> tuple[dict, Path]:
-    out, result = tmp_path / "tr_lora", tmp_path / "tr_result.json"
+def _launch(tmp_path: Path, mode: str, sets: dict[str, str], nproc: int = 2) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
            f"--master_port={_free_port()}", "-m", "trainer", "train", "--mode", mode, "--model", "tiny-sd1",
-           "--device", "cpu", "--lora-dir", str(out), "--logs-dir", str(tmp_path / "logs"),
-           "--json-dir", str(tmp_path / "json"), "--result-json", str(result), "--quiet"]
-    for key, value in _sets(data, mode).items():
+           "--device", "cpu", "--lora-dir", str(tmp_path / "tr_lora"), "--logs-dir", str(tmp_path / "logs"),
+           "--json-dir", str(tmp_path / "json"), "--result-json", str(tmp_path / "tr_result.json"), "--quiet"]
+    for key, value in sets.items():
         cmd += ["--set", f"{key}={value}"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+
+
+def _torchrun(tmp_path: Path, mode: str, data: Path, nproc: int = 2) -> tuple[dict, Path]:
+    proc = _launch(tmp_path, mode, _sets(data, mode), nproc)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(result.read_text(encoding="utf-8")), out / "dp.safetensors"
+    return json.loads((tmp_path / "tr_result.json").read_text(encoding="utf-8")), tmp_path / "tr_lora" / "dp.safetensors"
 
 
 def _close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
@@ -241,3 +244,12 @@ def test_torchrun_two_ranks_match_the_lockstep_reference(tmp_path, mode):
     diff_ref, diff_one = _close(trained, reference), _close(trained, one)
     assert diff_ref < 1e-5, f"2-rank torchrun differs from the averaged-gradient reference by {diff_ref}"
     assert diff_one > 100 * max(diff_ref, 1e-7), "rank 1's batches had no effect: no better than one process"
+
+
+def test_torchrun_with_a_bad_setting_fails_fast_on_every_rank_and_writes_nothing(tmp_path):
+    # both ranks reject the settings before training: no rank may wait for the other in a collective
+    sets = {**_sets(tmp_path / "missing", "LoRA")}
+    proc = _launch(tmp_path, "LoRA", sets)
+    assert proc.returncode != 0
+    assert "lora_data_directory" in proc.stderr
+    assert not (tmp_path / "tr_result.json").exists() and not (tmp_path / "tr_lora" / "dp.safetensors").exists()

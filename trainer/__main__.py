@@ -75,6 +75,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     settings = build_settings(args)
     # under torchrun (WORLD_SIZE > 1) this joins the process group; otherwise a one-process no-op
     dp = distributed.from_env(args.device)
+    succeeded = False
     try:
         settings = dp.agree_seed(settings)
         host = StandaloneHost(args.models_dir, args.lora_dir, device=dp.device)
@@ -89,15 +90,16 @@ def cmd_train(args: argparse.Namespace) -> int:
             stop.restore()
         if dp.active:
             result["data_parallel"] = dp.check_sync()
-    finally:
-        dp.close()
-    if not dp.is_main:
-        return 0
-    print(result["message"])
-    if args.result_json:
-        from trainer.paths import atomic_write_text
+        if dp.is_main:
+            print(result["message"])
+            if args.result_json:
+                from trainer.paths import atomic_write_text
 
-        atomic_write_text(args.result_json, json.dumps(result, indent=2))
+                atomic_write_text(args.result_json, json.dumps(result, indent=2))
+        succeeded = True
+    finally:
+        # the result is written before the ranks part: nothing is left to lose in the teardown
+        dp.close(succeeded)
     return 0
 
 

@@ -161,15 +161,21 @@ class DataParallel:
         report.update(in_sync=diff == 0.0, max_checksum_diff=diff, trained_params=len(self._params))
         return report
 
-    def close(self) -> None:
-        """Leave the process group. No barrier: after a failure on one rank the others would wait in
-        it forever (torchrun ends the remaining ranks itself); after success ``check_sync`` already
-        gathered every rank."""
+    def close(self, succeeded: bool = False) -> None:
+        """Leave the process group.
+
+        After a success every rank first meets in a barrier, so none tears its connections down while
+        a peer is still inside a collective or writing files (a rank leaving early can abort its peer
+        in gloo's teardown, and torchrun then reports the whole job failed). After a failure there is
+        no barrier: the failed rank's peers would wait in it forever (torchrun ends them itself).
+        """
         if not self.active:
             return
         import torch.distributed as dist
 
         if dist.is_initialized():
+            if succeeded:
+                dist.barrier()
             dist.destroy_process_group()
 
     def _comm_device(self) -> torch.device:
