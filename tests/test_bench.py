@@ -25,6 +25,9 @@ def test_ttfs_parts_add_up():
     parts = bench._ttfs_parts(timing)
     assert parts == {"time_to_first_step_s": 8.0, "ttfs_model_s": 4.0, "ttfs_caching_s": 3.0, "ttfs_setup_s": 0.5,
                      "ttfs_first_step_s": 0.5}
+    warm = bench._ttfs_parts(timing, "_warm")
+    assert warm == {"time_to_first_step_warm_s": 8.0, "ttfs_model_warm_s": 4.0, "ttfs_caching_warm_s": 3.0,
+                    "ttfs_setup_warm_s": 0.5, "ttfs_first_step_warm_s": 0.5}
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallopt tuning is Linux/glibc only")
@@ -52,6 +55,8 @@ def test_bench_writes_figures_for_a_mode(tmp_path, mode):
     assert 0.2 < figures["overhead_ratio_cpu"] < 5  # same work on both sides: far from 0 or 10
     parts = [figures[k] for k in ("ttfs_model_s", "ttfs_caching_s", "ttfs_setup_s", "ttfs_first_step_s")]
     assert sum(parts) == pytest.approx(figures["time_to_first_step_s"], abs=0.01)
+    warm = [figures[k] for k in ("ttfs_model_warm_s", "ttfs_caching_warm_s", "ttfs_setup_warm_s", "ttfs_first_step_warm_s")]
+    assert sum(warm) == pytest.approx(figures["time_to_first_step_warm_s"], abs=0.01)
     assert figures["peak_rss_mb"] > 100 and figures["vram_estimate_gb"] > 0
     if mode == "LoRA":
         assert figures["latent_cache_images_per_s"] > 0 and figures["ttfs_caching_s"] > 0
