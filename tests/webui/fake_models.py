@@ -8,10 +8,13 @@ delegate each block to its diffusers original, so the output equals the diffuser
 
 from __future__ import annotations
 
+from collections import OrderedDict
+from contextlib import nullcontext
+
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from torch import nn
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+from transformers import CLIPTextConfig, CLIPTextModel
 
 OPENAI = "ldm.modules.diffusionmodules.openaimodel"
 
@@ -165,26 +168,111 @@ class FrozenCLIPEmbedder(nn.Module):
 
 
 class FrozenCLIPEmbedderWithCustomWords(nn.Module):
-    """A1111's hijack wrapper: ``.wrapped`` is the ldm embedder."""
+    """A1111's hijack wrapper: ``.wrapped`` is the ldm/sgm embedder; it copies sgm's ``is_trainable``."""
 
     def __init__(self, wrapped: nn.Module) -> None:
         super().__init__()
         self.wrapped = wrapped
+        self.is_trainable = getattr(wrapped, "is_trainable", False)
 
     def forward(self, prompts):
         return self.wrapped(prompts)
 
 
-class PooledEmbedder(nn.Module):
-    """sgm's second (OpenCLIP-G) embedder stand-in: crossattn part and a pooled vector."""
+# -- OpenCLIP (open_clip's module names: transformer.resblocks.N.{ln_1, attn, ln_2, mlp.c_fc, mlp.c_proj}) --
 
-    def __init__(self, model: nn.Module) -> None:
+
+class ResidualAttentionBlock(nn.Module):
+    def __init__(self, width: int, heads: int, batch_first: bool) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(width)
+        self.attn = nn.MultiheadAttention(width, heads, batch_first=batch_first)  # fused in_proj_weight
+        self.ln_2 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(OrderedDict([("c_fc", nn.Linear(width, 2 * width)), ("gelu", nn.GELU()),
+                                              ("c_proj", nn.Linear(2 * width, width))]))
+
+    def forward(self, x, attn_mask=None):
+        y = self.ln_1(x)
+        x = x + self.attn(y, y, y, need_weights=False, attn_mask=attn_mask)[0]
+        return x + self.mlp(self.ln_2(x))
+
+
+class OpenCLIPTransformer(nn.Module):
+    def __init__(self, width: int, layers: int, heads: int, batch_first: bool) -> None:
+        super().__init__()
+        self.batch_first = batch_first
+        self.resblocks = nn.ModuleList([ResidualAttentionBlock(width, heads, batch_first) for _ in range(layers)])
+
+
+class OpenCLIPText(nn.Module):
+    """The text half of ``open_clip.CLIP``."""
+
+    def __init__(self, width: int, layers: int, *, batch_first: bool, projection: int | None = None) -> None:
+        super().__init__()
+        self.token_embedding = nn.Embedding(1000, width)
+        self.positional_embedding = nn.Parameter(torch.randn(77, width) * 0.02)
+        self.transformer = OpenCLIPTransformer(width, layers, 4, batch_first)
+        self.ln_final = nn.LayerNorm(width)
+        if projection:
+            self.text_projection = nn.Parameter(torch.randn(width, projection) * width**-0.5)
+        self.register_buffer("attn_mask", torch.full((77, 77), float("-inf")).triu(1), persistent=False)
+
+    @property
+    def device(self):
+        return self.token_embedding.weight.device
+
+    def run(self, ids, stop: int | None = None):
+        """Blocks ``[0, stop)`` over the embedded ids; returns every block's output (batch first)."""
+        x = self.token_embedding(ids) + self.positional_embedding
+        lnd = not self.transformer.batch_first
+        if lnd:
+            x = x.permute(1, 0, 2)
+        outs = []
+        for r in self.transformer.resblocks[:stop]:
+            x = r(x, attn_mask=self.attn_mask)
+            outs.append(x.permute(1, 0, 2) if lnd else x)
+        return outs
+
+
+class FrozenOpenCLIPEmbedder(nn.Module):
+    """ldm's SD2 embedder: ``layer="penultimate"`` stops one block early."""
+
+    def __init__(self, model: OpenCLIPText) -> None:
         super().__init__()
         self.model = model
+        self.layer_idx = 1
 
     def forward(self, prompts):
-        out = self.model(input_ids=toy_ids(prompts).to(self.model.device))
-        return out.last_hidden_state, out.text_embeds
+        blocks = len(self.model.transformer.resblocks)
+        return self.model.ln_final(self.model.run(toy_ids(prompts).to(self.model.device), blocks - self.layer_idx)[-1])
+
+
+class FrozenOpenCLIPEmbedder2(nn.Module):
+    """sgm's SDXL second embedder: the penultimate block for cross-attention, the pooled projection of
+    the last block's end-of-text token for the vector; ``is_trainable`` False as SDXL configures it."""
+
+    is_trainable = False
+
+    def __init__(self, model: OpenCLIPText) -> None:
+        super().__init__()
+        self.model = model
+        self.layer_idx = 1
+
+    def forward(self, prompts):
+        ids = toy_ids(prompts).to(self.model.device)
+        outs = self.model.run(ids)
+        last = self.model.ln_final(outs[-1])
+        eot = (ids == 2).int().argmax(dim=-1)
+        pooled = last[torch.arange(ids.shape[0]), eot] @ self.model.text_projection
+        return outs[-2], pooled
+
+
+class FrozenOpenCLIPEmbedderWithCustomWords(FrozenCLIPEmbedderWithCustomWords):
+    pass
+
+
+class FrozenOpenCLIPEmbedder2WithCustomWords(FrozenCLIPEmbedderWithCustomWords):
+    pass
 
 
 class ConcatTimestepEmbedderND(nn.Module):
@@ -262,6 +350,18 @@ class LatentDiffusion(nn.Module):
         return self.model(x_noisy, t, **cond)
 
 
+class LatentDiffusionSD2(LatentDiffusion):
+    """ldm ``LatentDiffusion`` with SD2's OpenCLIP text encoder (penultimate layer) and v-prediction."""
+
+    is_sd1, is_sd2, is_sdxl = False, True, False
+
+    def __init__(self, seed: int = 0, parameterization: str = "v") -> None:
+        super().__init__(seed, parameterization)
+        torch.manual_seed(seed + 100)
+        self.cond_stage_model = FrozenOpenCLIPEmbedderWithCustomWords(FrozenOpenCLIPEmbedder(OpenCLIPText(32, 3, batch_first=True)))
+        self.eval()
+
+
 class GeneralConditioner(nn.Module):
     def __init__(self, embedders: list[nn.Module]) -> None:
         super().__init__()
@@ -270,15 +370,17 @@ class GeneralConditioner(nn.Module):
     def forward(self, batch):
         crossattn, vector = [], []
         for emb in self.embedders:
-            if isinstance(emb, ConcatTimestepEmbedderND):
-                vector.append(emb(batch[emb.input_key]))
-            elif isinstance(emb, PooledEmbedder):
-                c, pooled = emb(batch["txt"])
-                crossattn.append(c)
+            with nullcontext() if getattr(emb, "is_trainable", False) else torch.no_grad():  # as sgm
+                if isinstance(emb, ConcatTimestepEmbedderND):
+                    vector.append(emb(batch[emb.input_key]))
+                    continue
+                out = emb(batch["txt"])
+            if isinstance(out, tuple):
+                c, pooled = out
                 vector.insert(0, pooled)
             else:
-                with torch.no_grad():  # sgm: not is_trainable -> no_grad
-                    crossattn.append(emb(batch["txt"]))
+                c = out
+            crossattn.append(c)
         return {"crossattn": torch.cat(crossattn, 2), "vector": torch.cat(vector, 1)}
 
 
@@ -293,7 +395,7 @@ class DiffusionEngine(nn.Module):
         self.model = OpenAIWrapper(UNetModel(tiny_unet(sdxl=True)))
         self.conditioner = GeneralConditioner([
             FrozenCLIPEmbedderWithCustomWords(FrozenCLIPEmbedder(CLIPTextModel(clip_config(32)))),
-            PooledEmbedder(CLIPTextModelWithProjection(clip_config(48))),
+            FrozenOpenCLIPEmbedder2WithCustomWords(FrozenOpenCLIPEmbedder2(OpenCLIPText(48, 2, batch_first=False, projection=48))),
             ConcatTimestepEmbedderND(8, "original_size_as_tuple"),
             ConcatTimestepEmbedderND(8, "crop_coords_top_left"),
             ConcatTimestepEmbedderND(8, "target_size_as_tuple"),
@@ -327,5 +429,5 @@ class DiffusionEngine(nn.Module):
         return self.model(x, t, cond)
 
 
-LatentDiffusion.__module__ = "ldm.models.diffusion.ddpm"
+LatentDiffusion.__module__ = LatentDiffusionSD2.__module__ = "ldm.models.diffusion.ddpm"
 DiffusionEngine.__module__ = "sgm.models.diffusion"

@@ -20,4 +20,5 @@ def fingerprint(model: torch.nn.Module) -> dict:
         "grads": sum(p.grad is not None for p in model.parameters()),
         "training": [m.training for m in model.modules()],
         "forwards": sorted(n for n, m in model.named_modules() if "forward" in m.__dict__),
+        "is_trainable": sorted((n, m.__dict__["is_trainable"]) for n, m in model.named_modules() if "is_trainable" in m.__dict__),
     }

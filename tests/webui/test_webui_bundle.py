@@ -7,7 +7,7 @@ import torch
 
 from trainer.errors import SettingsError
 from trainer.models.bundle import Cond, Family, ModelBundle, UNetShape
-from trainer.models.webui_runtime import TE_NOTE_OPENCLIP, WebUIBundle, check_text_encoder_training
+from trainer.models.webui_runtime import TE_NOTE_MEDVRAM, WebUIBundle, check_text_encoder_training
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +61,8 @@ def test_sd1_encode_and_predict_match_diffusers(sd1):
 
 
 def test_sdxl_bundle_and_size_conditioning(sdxl):
-    b = WebUIBundle(sdxl, device=torch.device("cpu"))
-    assert b.family is Family.SDXL and b.text_encoders == {} and b.text_encoder_note == TE_NOTE_OPENCLIP
+    b = WebUIBundle(sdxl, device=torch.device("cpu"), medvram=True)  # medvram: encoders left alone
+    assert b.family is Family.SDXL and b.text_encoders == {} and b.text_encoder_note == TE_NOTE_MEDVRAM
     assert (b.pooled_dim, b.size_dim) == (48, 8)
     cond = b.encode_prompts(["a photo", "red"])
     vector = sdxl.get_learned_conditioning(["a photo", "red"])["vector"]
@@ -81,8 +81,8 @@ def test_sdxl_bundle_and_size_conditioning(sdxl):
 
 
 def test_base_refused_where_text_encoder_cannot_train(sdxl, sd1):
-    with pytest.raises(SettingsError, match="OpenCLIP"):
-        check_text_encoder_training(WebUIBundle(sdxl, device=torch.device("cpu")), ["BASE", "IN01"])
+    with pytest.raises(SettingsError, match="medvram"):
+        check_text_encoder_training(WebUIBundle(sdxl, device=torch.device("cpu"), medvram=True), ["BASE", "IN01"])
     check_text_encoder_training(WebUIBundle(sd1, device=torch.device("cpu")), ["BASE"])
 
 

@@ -42,12 +42,25 @@ def train(bundle, blocks, steps=3):
     return net, losses
 
 
-@pytest.mark.parametrize("family", ["sd1", "sdxl"])
-def test_train_save_keys_and_restore(webui, family):
+TE_LEAVES = ("self_attn_q_proj", "self_attn_k_proj", "self_attn_v_proj", "self_attn_out_proj", "mlp_fc1", "mlp_fc2")
+
+
+def te_names(keys, prefix: str) -> set[str]:
+    return {k.split(".")[0] for k in keys if k.startswith(prefix + "_text_model_encoder_layers_")}
+
+
+def expected_te(prefix: str, layers: int) -> set[str]:
+    return {f"{prefix}_text_model_encoder_layers_{i}_{leaf}" for i in range(layers) for leaf in TE_LEAVES}
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
+def test_train_save_keys_and_restore(webui, models, family):
     from modules import sd_models
 
     if family == "sdxl":
         sd_models.reload_model_weights(info=sd_models.checkpoints_list["xl.safetensors [def]"])
+    elif family == "sd2":
+        webui.sd_model = models.LatentDiffusionSD2(seed=3)
     model = webui.sd_model
     before = fingerprint(model)
     with WebUIHost().acquire("", "", precision="fp32", v_pred=None) as bundle:
@@ -55,6 +68,8 @@ def test_train_save_keys_and_restore(webui, family):
         blocks = tuple(network.BLOCK_IDS)
         net, losses = train(bundle, blocks)
         keys = set(net.kohya_state_dict())
+        te_grads = {a.kohya_name: float(a.lora_down.weight.grad.abs().sum()) for a in net.adapters.values()
+                    if a.kohya_name.startswith("lora_te") and a.lora_down.weight.grad is not None}
         with torch.no_grad(), net.scaled(0.0):
             cond = bundle.encode_prompts(["x"])
             base_out = bundle.predict(torch.ones(1, 4, 8, 8), torch.tensor([300]), cond)
@@ -64,11 +79,17 @@ def test_train_save_keys_and_restore(webui, family):
     if family == "sd1":
         assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q" in unet
         assert "lora_unet_up_blocks_1_resnets_0_conv1" in unet
-        assert any(k.startswith("lora_te_text_model_encoder_layers_0_self_attn_q_proj") for k in keys)
+        assert te_names(keys, "lora_te") == expected_te("lora_te", 2)
+    elif family == "sd2":  # OpenCLIP, 3 blocks, the last never runs (penultimate layer): not adapted
+        assert te_names(keys, "lora_te") == expected_te("lora_te", 2)
     else:
         assert "lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q" in unet
         assert "lora_unet_output_blocks_3_0_in_layers_2" in unet
-        assert not any(k.startswith("lora_te") for k in keys)
+        assert te_names(keys, "lora_te1") == expected_te("lora_te1", 2)  # CLIP-L (transformers)
+        assert te_names(keys, "lora_te2") == expected_te("lora_te2", 2)  # OpenCLIP, fused q/k/v
+    # every text-encoder adapter was reached by the loss (sgm's no_grad lifted, q/k/v views wired)
+    te = {n for n in te_grads if n.startswith("lora_te")}
+    assert te and all(te_grads[n] > 0 for n in te), {n: g for n, g in te_grads.items() if g == 0}
     assert fingerprint(model) == before
     with torch.no_grad():
         restored = predict_with_fresh_bundle(model, cond)

@@ -63,6 +63,9 @@ def model_roots(sd_model: Any) -> nn.Module:
     return root
 
 
+_ABSENT = object()
+
+
 class _Snapshot:
     """Everything about the model that training may touch and the host must put back."""
 
@@ -72,6 +75,8 @@ class _Snapshot:
         self.buffers = [(b, b.device, b.dtype) for b in model.buffers()]
         self.training = [(m, m.training) for m in model.modules()]
         self.forwards = _instance_forwards(model)
+        # sgm's embedder flag (raised while text encoders train); absent means "class default"
+        self.flags = [(m, m.__dict__.get("is_trainable", _ABSENT)) for m in model.modules()]
 
     def restore(self) -> list[str]:
         """Put the model back; returns what had to be repaired (for the log)."""
@@ -103,6 +108,16 @@ class _Snapshot:
             repaired.append(f"moved {moved} parameters back to their device/dtype")
         for m, flag in self.training:
             m.training = flag
+        changed = 0
+        for m, value in self.flags:
+            if m.__dict__.get("is_trainable", _ABSENT) is not value:
+                changed += 1
+                if value is _ABSENT:
+                    del m.__dict__["is_trainable"]
+                else:
+                    m.is_trainable = value
+        if changed:
+            repaired.append(f"reset is_trainable on {changed} modules")
         return repaired
 
 
@@ -235,7 +250,7 @@ class WebUIHost:
             yield bundle
         finally:
             if bundle is not None:
-                bundle.set_gradient_checkpointing(False)
+                bundle.release()
             if id(shared.sd_model) != model_id:
                 log.warning("TrainTrain: the Web-UI model changed during training; restoring the one trained")
             for line in snap.restore():

@@ -12,11 +12,15 @@ Choices (also in ``docs/webui.md``):
   value). We keep the pooled part only and rebuild the size part in :meth:`WebUIBundle.predict` from the
   pixel size of the latent (crop 0, 0), so a 768x1344 bucket is conditioned as 768x1344, never as the
   size the prompt happened to be encoded with.
-* Text encoders: SD1's CLIP-L (a transformers ``CLIPTextModel``) is exposed as ``lora_te``. OpenCLIP
-  encoders (SD2, SDXL's second encoder) fuse q/k/v into one ``in_proj_weight``, and sgm runs SDXL's
-  embedders under ``no_grad``; the Web-UI runtime therefore trains the U-Net only on SD2 and SDXL (and on
-  Forge, whose conditioning runs in inference mode). ``text_encoders`` is then empty and
-  ``text_encoder_note`` says why; :func:`check_text_encoder_training` turns that into a SettingsError.
+* Text encoders: a transformers ``CLIPTextModel`` (SD1, SDXL's first encoder) is exposed as it is;
+  an OpenCLIP encoder (SD2, SDXL's second) through :func:`trainer.models.openclip.hf_view`, which routes
+  its fused q/k/v attention through separate views for the length of the job, so adapters attach and
+  save under the kohya names (``lora_te_…`` / ``lora_te1_…``, ``lora_te2_…``). sgm runs embedders that
+  are not ``is_trainable`` under ``no_grad``, so the flag is raised on SDXL's two text embedders while
+  the job runs. :meth:`WebUIBundle.release` undoes both. Not trained: Forge (its conditioning runs in
+  inference mode) and ``--medvram`` (the encoder is swapped out while the U-Net runs); ``text_encoders``
+  is then empty and ``text_encoder_note`` says why; :func:`check_text_encoder_training` turns that into
+  a SettingsError.
 * ``predict`` goes through ``apply_model`` on A1111, so ``--medvram``'s forward hooks move the U-Net to
   the GPU as at inference; Forge calls its U-Net directly after loading it with Forge's memory manager.
 """
@@ -34,9 +38,9 @@ import torch
 from torch import nn
 
 from trainer.errors import SettingsError, TrainTrainError
+from trainer.models import openclip
 from trainer.models.bundle import Cond, Family, UNetShape
 
-TE_NOTE_OPENCLIP = "text-encoder training on OpenCLIP encoders is not supported in the Web-UI yet (SD2, SDXL); the U-Net is trained"
 TE_NOTE_FORGE = "text-encoder training is not supported on Forge (its conditioning runs in inference mode); the U-Net is trained"
 TE_NOTE_MEDVRAM = "text-encoder training is off under --medvram (the text encoder is swapped out while the U-Net runs)"
 BASE_KEY = "network_blocks(BASE = TextEncoder)"
@@ -47,6 +51,7 @@ SDXL_SIZE_EMBED_DIM = 256
 SDXL_SIZE_VALUES = 6
 
 CHECKPOINTED_CLASSES = ("SpatialTransformer", "ResBlock")
+_MISSING = object()
 
 
 def sinusoid(values: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -195,13 +200,15 @@ class WebUIBundle:
         self.name = self._name()
         self.scale_factor = float(getattr(sd_model, "scale_factor", 0.13025 if self.family is Family.SDXL else 0.18215))
         self.notes: list[str] = []
+        self._views: list[openclip.HFView] = []
+        self._flags: list[tuple[Any, str, Any]] = []
+        self._checkpointed: list[nn.Module] = []
         if self.v_pred != self.detected_v_pred:
             self.notes.append(f"model_v_pred={self.v_pred} overrides the model's own prediction type ({'v' if self.detected_v_pred else 'eps'})")
         self.text_encoders, self.text_encoder_note = self._text_encoders(medvram)
         if self.text_encoder_note:
             self.notes.append(self.text_encoder_note)
         self.pooled_dim, self.size_dim = self._sdxl_dims()
-        self._checkpointed: list[nn.Module] = []
 
     # -- discovery -------------------------------------------------------------------------------
 
@@ -245,15 +252,59 @@ class WebUIBundle:
     def _text_encoders(self, medvram: bool) -> tuple[dict[str, nn.Module], str | None]:
         if self.forge:
             return {}, TE_NOTE_FORGE
-        if self.family is not Family.SD1:
-            return {}, TE_NOTE_OPENCLIP
         if medvram:
             return {}, TE_NOTE_MEDVRAM
-        wrapped = getattr(getattr(self.sd_model, "cond_stage_model", None), "wrapped", None)
+        if self.family is Family.SDXL:
+            found: dict[str, nn.Module] = {}
+            for embedder in getattr(getattr(self.sd_model, "conditioner", None), "embedders", []) or []:
+                # sgm runs non-trainable embedders under no_grad; A1111's wrappers copy the flag
+                view = self._encoder_view(getattr(embedder, "wrapped", None), all_layers=True)
+                if view is None:
+                    continue
+                prefix = "lora_te2" if isinstance(view, openclip.HFView) else "lora_te1"
+                if prefix not in found:
+                    found[prefix] = view
+                    self._flags.append((embedder, "is_trainable", embedder.__dict__.get("is_trainable", _MISSING)))
+                    embedder.is_trainable = True
+            if set(found) == {"lora_te1", "lora_te2"}:
+                return found, None
+            self.release()
+            return {}, "this SDXL model's text encoders are not CLIP-L + OpenCLIP as expected; the U-Net is trained"
+        view = self._encoder_view(getattr(getattr(self.sd_model, "cond_stage_model", None), "wrapped", None), all_layers=False)
+        if view is None:
+            return {}, f"this {self.family.value.upper()} model's text encoder is neither a transformers CLIPTextModel nor OpenCLIP; the U-Net is trained"
+        return {"lora_te": view}, None
+
+    def _encoder_view(self, wrapped: Any, *, all_layers: bool) -> nn.Module | None:
+        """The encoder under an ldm/sgm embedder as an HF-named tree: a transformers CLIPTextModel as
+        it is, an OpenCLIP transformer through :func:`~trainer.models.openclip.hf_view`."""
+        transformer = getattr(getattr(wrapped, "model", None), "transformer", None)
+        blocks = openclip.resblocks_of(transformer)
+        if blocks:
+            # ldm's SD2 embedder stops layer_idx blocks early: adapters there would never train. sgm's
+            # SDXL embedder runs them all (its pooled output comes from the last block).
+            layers = len(blocks) if all_layers else len(blocks) - int(getattr(wrapped, "layer_idx", 0) or 0)
+            view = openclip.hf_view(transformer, layers)
+            self._views.append(view)
+            return view
         te = getattr(wrapped, "transformer", None)
-        if te is None:
-            return {}, "this SD1 model's text encoder is not a transformers CLIPTextModel; the U-Net is trained"
-        return {"lora_te": te}, None
+        if isinstance(te, nn.Module) and (hasattr(te, "text_model") or hasattr(te, "encoder")):
+            return te
+        return None
+
+    def release(self) -> None:
+        """Undo what the bundle changed for training: checkpointing wrappers, unfused OpenCLIP
+        attention, embedder flags. The host calls it when the job ends (its snapshot checks the rest)."""
+        self.set_gradient_checkpointing(False)
+        for view in self._views:
+            openclip.release_view(view)
+        self._views.clear()
+        for owner, name, value in reversed(self._flags):
+            if value is _MISSING:
+                owner.__dict__.pop(name, None)
+            else:
+                setattr(owner, name, value)
+        self._flags.clear()
 
     def _sdxl_dims(self) -> tuple[int, int]:
         if self.family is not Family.SDXL:
