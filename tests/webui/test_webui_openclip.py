@@ -135,3 +135,18 @@ def test_trained_openclip_lora_folded_into_fused_weights_matches_training(webui,
     if family == "sdxl":
         assert float((ours.pooled - base.pooled).abs().max()) > 1e-4
         assert torch.allclose(folded.pooled, ours.pooled, atol=1e-5)
+
+
+def test_an_attention_wrapped_by_someone_else_is_left_alone(models):
+    """Another extension's instance forward on one attention: nothing is unfused, the text encoder is
+    reported untrained, BASE would be refused with the reason."""
+    from trainer.models.webui_runtime import WebUIBundle
+
+    model = models.LatentDiffusionSD2(seed=3)
+    theirs = model.cond_stage_model.wrapped.model.transformer.resblocks[1].attn
+    theirs.forward = lambda *a, **k: type(theirs).forward(theirs, *a, **k)
+    bundle = WebUIBundle(model, device=torch.device("cpu"))
+    assert bundle.text_encoders == {}
+    assert "instance forward" in bundle.text_encoder_note and bundle.text_encoder_note in bundle.notes
+    forwards = [n for n, m in model.named_modules() if "forward" in m.__dict__]
+    assert forwards == ["cond_stage_model.wrapped.model.transformer.resblocks.1.attn"]

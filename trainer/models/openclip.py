@@ -146,6 +146,9 @@ def hf_view(transformer: nn.Module, layers: int | None = None) -> HFView:
         layers: how many leading blocks to expose (the ones the encoder runs: SD2 stops one block
             early, so its last block would never get a gradient); all when None.
 
+    Raises:
+        ValueError: not OpenCLIP-shaped, or an attention cannot be unfused (nothing is left changed).
+
     Returns:
         A root whose ``text_model.encoder.layers.N.{self_attn.{q,k,v,out}_proj, mlp.{fc1,fc2}}`` are
         the live modules (the views, ``out_proj``, ``c_fc``, ``c_proj``). Nothing is copied.
@@ -154,8 +157,15 @@ def hf_view(transformer: nn.Module, layers: int | None = None) -> HFView:
     if not blocks:
         raise ValueError("not an OpenCLIP transformer (no resblocks with attn/mlp.c_fc)")
     exposed = []
+    done: list[nn.MultiheadAttention] = []
     for block in blocks[:layers]:
-        q, k, v = unfuse_attention(block.attn)
+        try:
+            q, k, v = unfuse_attention(block.attn)
+        except ValueError:
+            for attention in done:  # all or nothing
+                refuse_attention(attention)
+            raise
+        done.append(block.attn)
         attn = nn.Module()
         for name, module in (("q_proj", q), ("k_proj", k), ("v_proj", v), ("out_proj", block.attn.out_proj)):
             attn.add_module(name, module)

@@ -202,6 +202,7 @@ class WebUIBundle:
         self.notes: list[str] = []
         self._views: list[openclip.HFView] = []
         self._flags: list[tuple[Any, str, Any]] = []
+        self._view_error: str | None = None
         self._checkpointed: list[nn.Module] = []
         if self.v_pred != self.detected_v_pred:
             self.notes.append(f"model_v_pred={self.v_pred} overrides the model's own prediction type ({'v' if self.detected_v_pred else 'eps'})")
@@ -269,9 +270,11 @@ class WebUIBundle:
             if set(found) == {"lora_te1", "lora_te2"}:
                 return found, None
             self.release()
-            return {}, "this SDXL model's text encoders are not CLIP-L + OpenCLIP as expected; the U-Net is trained"
+            return {}, self._view_error or "this SDXL model's text encoders are not CLIP-L + OpenCLIP as expected; the U-Net is trained"
         view = self._encoder_view(getattr(getattr(self.sd_model, "cond_stage_model", None), "wrapped", None), all_layers=False)
         if view is None:
+            if self._view_error:
+                return {}, self._view_error
             return {}, f"this {self.family.value.upper()} model's text encoder is neither a transformers CLIPTextModel nor OpenCLIP; the U-Net is trained"
         return {"lora_te": view}, None
 
@@ -284,7 +287,11 @@ class WebUIBundle:
             # ldm's SD2 embedder stops layer_idx blocks early: adapters there would never train. sgm's
             # SDXL embedder runs them all (its pooled output comes from the last block).
             layers = len(blocks) if all_layers else len(blocks) - int(getattr(wrapped, "layer_idx", 0) or 0)
-            view = openclip.hf_view(transformer, layers)
+            try:
+                view = openclip.hf_view(transformer, layers)
+            except ValueError as err:  # e.g. another extension already wraps the attention's forward
+                self._view_error = f"the OpenCLIP text encoder cannot be trained here ({err}); the U-Net is trained"
+                return None
             self._views.append(view)
             return view
         te = getattr(wrapped, "transformer", None)
