@@ -248,8 +248,7 @@ def test_torchrun_two_ranks_match_the_lockstep_reference(tmp_path, mode):
 
 def test_torchrun_with_a_bad_setting_fails_fast_on_every_rank_and_writes_nothing(tmp_path):
     # both ranks reject the settings before training: no rank may wait for the other in a collective
-    sets = {**_sets(tmp_path / "missing", "LoRA")}
-    proc = _launch(tmp_path, "LoRA", sets)
+    proc = _launch(tmp_path, "LoRA", _sets(tmp_path / "missing", "LoRA"))
     assert proc.returncode != 0
     assert "lora_data_directory" in proc.stderr
     assert not (tmp_path / "tr_result.json").exists() and not (tmp_path / "tr_lora" / "dp.safetensors").exists()
