@@ -35,6 +35,8 @@ _DATA = frozenset({"LoRA", "Difference", "Multi-ADDifT"})  # reference "Visible 
 _ADDIFT = frozenset({"ADDifT", "Multi-ADDifT"})
 _PROMPTED = frozenset({"iLECO", "Difference", "ADDifT", "Multi-ADDifT"})  # §17 #36: prompts condition these
 _IMAGES = frozenset({"Difference", "ADDifT"})
+_DATASET = frozenset({"LoRA", "Multi-ADDifT"})  # modes that train on a folder with captions
+_NOISED = frozenset({"LoRA", "Difference", "ADDifT", "Multi-ADDifT"})  # modes that noise real latents
 
 SEPARATOR = "-" * 26
 RANKS: tuple[int, ...] = tuple(2**k for k in range(2, 11))
@@ -62,6 +64,7 @@ SCHEDULERS: tuple[str, ...] = (
     "polynomial", "constant", "constant_with_warmup", "piecewise_constant", "exponential", "step",
     "multi_step", "reduce_on_plateau", "cyclic", "one_cycle",
 )  # fmt: skip
+SAMPLE_SAMPLERS = ("Euler", "DDIM")
 _PRECISION_ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "", "no", "off", "none"}
@@ -314,6 +317,61 @@ FIELDS: tuple[Field, ...] = (
     _opt(3, "effect_check", bool, True,
          "After training, measure how much the LoRA changes the model's prediction and report it (a tiny "
          "number means it learned nothing).", **_CH),
+    # -- practitioners' controls (kohya names where kohya has the setting)
+    _opt(1, "reg_data_directory", str, "",
+         "Folder of regularization (class) images, kohya style: each epoch mixes one reg image per training "
+         "image into the same-bucket batches, their loss weighted by prior_loss_weight. Keeps the model's "
+         "general answer for the class. Empty = none. Subfolders may be named N_name for N repeats.", modes=_LORA),
+    _opt(1, "reg_num_multiply", int, 1,
+         "Repeats of every regularization image in the reg pool (the pool is cycled so each epoch takes as many "
+         "reg samples as there are training samples). Typical: 1.", modes=_LORA),
+    _opt(1, "prior_loss_weight", float, 1.0,
+         "Loss weight of regularization samples (kohya's prior-preservation weight). Typical: 1.", modes=_LORA),
+    _opt(1, "train_epochs", int, 0,
+         "Train this many epochs instead of train_iterations (steps = epochs x batches per epoch, shown before the "
+         "run). An epoch sees every image x its repeats once. 0 = use train_iterations.", modes=_DATASET),
+    _opt(1, "save_every_n_epochs", int, 0,
+         "Also save <name>_epochN every N epochs, to find where the LoRA starts to overfit. 0 = off.",
+         modes=_DATASET),
+    _opt(1, "shuffle_caption", bool, False,
+         "Shuffle the caption's tags (split on caption_separator) every time an image is used, so no tag "
+         "order is learned. The trigger word and the first keep_tokens tags stay in place.",
+         modes=_DATASET, **_CH),
+    _opt(1, "caption_separator", str, ",",
+         "What separates tags in captions (for shuffling and tag dropout). Typical: ','.", modes=_DATASET),
+    _opt(1, "keep_tokens", int, 0,
+         "The first N tags (after the trigger word) are never shuffled or dropped. Typical: 1-2 for a character "
+         "name kept up front.", modes=_DATASET),
+    _opt(1, "caption_dropout_rate", float, 0.0,
+         "Chance that a sample's whole caption is replaced by the empty prompt (teaches the unconditional answer, "
+         "helps CFG). 0-1. Typical: 0-0.1.", modes=_DATASET),
+    _opt(1, "caption_tag_dropout_rate", float, 0.0,
+         "Chance that each tag (outside the kept ones) is dropped from a sample's caption. 0-1. Typical: 0-0.1.",
+         modes=_DATASET),
+    _opt(1, "masked_loss", bool, False,
+         "Weight the loss per pixel by the image's alpha channel or a <name>_mask.png beside it (white = learn, "
+         "black = ignore), so backgrounds are not learned. Images without a mask count everywhere.",
+         modes=_LORA, **_CH),
+    _opt(2, "noise_offset", float, 0.0,
+         "Add a per-channel constant of this size to the training noise so the LoRA can learn very dark and "
+         "bright images. Typical: 0.03-0.1; 0 = off.", modes=_NOISED, **_D2),
+    _opt(2, "multires_noise_iterations", int, 0,
+         "Multi-resolution (pyramid) noise levels added to the training noise; learns large-scale tone. "
+         "Typical: 6-10; 0 = off.", modes=_NOISED, **_D2),
+    _opt(2, "multires_noise_discount", float, 0.3,
+         "Weight falloff per multires noise level (lower = finer levels weaker). Typical: 0.3.", modes=_NOISED, **_D2),
+    _opt(3, "sample_every_n_steps", int, 0,
+         "Render preview images every N steps (and at the end) into logs/<run>/samples/, shown live in the tab. "
+         "iLECO/Difference/ADDifT show a strip at LoRA weight -1, 0, +1. Costs time; 0 = off.", **_D2),
+    _opt(3, "sample_prompts", str, "",
+         "Preview prompts, one per line, with kohya options: --n negative, --w width, --h height, --s steps, "
+         "--l CFG scale, --d seed. Empty = the trigger word / Target prompt / Original prompt.", **_TA),
+    _opt(3, "sample_sampler", str, "Euler",
+         "Sampler of the previews (standalone: our own loop; Web-UI: its sampler of that name).",
+         choices=SAMPLE_SAMPLERS, **_DD),
+    _opt(3, "model_use_ema", bool, False,
+         "Single-file checkpoints that carry EMA weights (model_ema.*): train on the EMA copy of the U-Net. "
+         "Off = the regular weights (what the Web-UI uses).", **_CH),
     # -- job keys
     _f("mode", str, "LoRA", "Training mode.", choices=MODES, section="job", label="Mode", **_DD),
     _f("model", str, "", "Base checkpoint to train on.", section="job", label="Model", **_DD),
@@ -352,6 +410,13 @@ LEGACY_KEYS: dict[str, tuple[str | None, str]] = {
     "train_use_bucket": (None, "buckets are always used"),
     "gen_noise_scheduler": (None, "not used in training"),
     "lora_train_targets": (None, "use network_blocks(BASE = TextEncoder)"),
+    # kohya sd-scripts names of settings we have under the reference's names
+    "min_snr_gamma": ("train_snr_gamma", "kohya's name"),
+    "min_timestep": ("train_min_timesteps", "kohya's name"),
+    "max_timestep": ("train_max_timesteps", "kohya's name"),
+    "max_train_epochs": ("train_epochs", "kohya's name"),
+    "max_train_steps": ("train_iterations", "kohya's name"),
+    "save_every_n_steps": ("save_per_steps", "kohya's name"),
 }
 
 _PARSE_ERRORS = (ValueError, TypeError, OverflowError, SyntaxError, MemoryError, RecursionError)
@@ -822,6 +887,39 @@ def _check_images(s: Settings, errors: list[SettingsError]) -> None:
         _check(errors, s.sub_image_num >= 0, "sub_image_num", "must be >= 0; use 0 for none")
 
 
+def _check_practice(s: Settings, errors: list[SettingsError]) -> None:
+    """The kohya-style controls: counts, rates, the reg folder and the preview prompts."""
+    from pathlib import Path
+
+    if s.mode in FIELD_BY_KEY["train_epochs"].modes:
+        _check(errors, s.train_epochs >= 0, "train_epochs", "must be >= 0; use 0 to count train_iterations instead")
+        _check(errors, s.save_every_n_epochs >= 0, "save_every_n_epochs", "must be >= 0; use 0 for off")
+        _check(errors, s.keep_tokens >= 0, "keep_tokens", "must be >= 0; use 0 to shuffle every tag")
+        _check(errors, bool(s.caption_separator), "caption_separator", "is empty; use ',' (the tag separator)")
+        for key in ("caption_dropout_rate", "caption_tag_dropout_rate"):
+            rate = s.raw[key]
+            _check(errors, 0 <= float(rate) <= 1, key, f"{rate} is outside 0..1; use e.g. 0.05")
+    if s.mode == "LoRA" and s.reg_data_directory.strip():
+        reg = Path(s.reg_data_directory.strip()).expanduser()
+        _check(errors, reg.is_dir(), "reg_data_directory",
+               f"folder {reg} does not exist; give the folder of regularization images or leave it empty")
+        _check(errors, s.reg_num_multiply >= 1, "reg_num_multiply", "is below 1; use e.g. 1")
+        _check(errors, s.prior_loss_weight >= 0, "prior_loss_weight", "must be >= 0; use e.g. 1")
+    if s.mode in FIELD_BY_KEY["noise_offset"].modes:
+        _check(errors, s.noise_offset >= 0, "noise_offset", "must be >= 0; use e.g. 0.05, or 0 for off")
+        _check(errors, s.multires_noise_iterations >= 0, "multires_noise_iterations", "must be >= 0; use 0 for off")
+        _check(errors, 0 < s.multires_noise_discount <= 1, "multires_noise_discount",
+               f"{s.multires_noise_discount} must be in (0, 1]; use e.g. 0.3")
+    _check(errors, s.sample_every_n_steps >= 0, "sample_every_n_steps", "must be >= 0; use 0 for no previews")
+    if s.sample_every_n_steps > 0 and s.sample_prompts.strip():
+        from trainer.sampling.prompts import parse_sample_prompts
+
+        try:
+            parse_sample_prompts(s.sample_prompts)
+        except SettingsError as err:
+            errors.append(err)
+
+
 def _check_inputs(s: Settings, errors: list[SettingsError]) -> None:
     try:
         safe_name(s.save_lora_name, "save_lora_name")
@@ -856,6 +954,7 @@ def validate(s: Settings) -> list[SettingsError]:
     _check_choices(s, errors)
     _check_numbers(s, errors)
     _check_images(s, errors)
+    _check_practice(s, errors)
     _check_inputs(s, errors)
     if s.mode == "Difference" and s.for_pass(2) is not s:
         seen = {str(e) for e in errors}

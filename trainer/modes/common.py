@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 import torch
@@ -195,6 +195,8 @@ def train_pass(
     epoch: Callable[[], int] = lambda: 0,
     after_backward: Callable[[list[torch.Tensor]], None] | None = None,
     start_step: int = 0,
+    extra_saves: Collection[int] = (),
+    after_step: Callable[[int], None] | None = None,
 ) -> PassResult:
     """Run exactly ``total_steps`` optimizer steps of ``loss_step`` (N, not N+1).
 
@@ -206,6 +208,9 @@ def train_pass(
         save: writes the network; ``save(step)`` for step files, returns the path.
         after_backward: called with the trainable parameters after backward (DDP gradient averaging).
         start_step: steps already done (a resumed run continues after it).
+        extra_saves: more steps to save at (epoch ends), besides every ``save_every`` steps.
+        after_step: called with the step number after each step and its saves (sample previews); it must
+            not touch the training RNG streams.
 
     Raises:
         StopTraining: the loss became NaN or infinite (the last periodic save is kept).
@@ -215,7 +220,7 @@ def train_pass(
     names = [group.get("name", f"group{i}") for i, group in enumerate(opt.param_groups)]
     scaler = precision.make_scaler()
     tracker = LossTracker(total_steps - start_step)
-    periodic = save_steps(total_steps, save_every)
+    periodic = save_steps(total_steps, save_every) | {k for k in extra_saves if 0 < k < total_steps}
     last_save: str | None = None
     value: float | None = None
     for step in range(start_step + 1, total_steps + 1):
@@ -244,6 +249,8 @@ def train_pass(
         events.emit(ProgressEvent(step, total_steps, value, tracker.ema, lrs, epoch(), elapsed, eta, pass_index))
         if step in periodic:
             last_save = save(step)
+        if after_step is not None:
+            after_step(step)
         request = stop()
         if request == "save":
             return PassResult(step, value, "saved_stop", save(step))

@@ -17,7 +17,15 @@ import torch
 
 from trainer.csvlog import CsvSink, csv_path
 from trainer.errors import SettingsError
-from trainer.modes.common import DenoiseLoss, NoiseSchedule, PassResult, Precision, resolve_precision, train_pass
+from trainer.modes.common import (
+    DenoiseLoss,
+    NoiseSchedule,
+    PassResult,
+    Precision,
+    resolve_precision,
+    save_steps,
+    train_pass,
+)
 from trainer.modes.resume import load_state, restore_state, save_state, state_path
 from trainer.paths import inside
 from trainer.progress import Events, RunSummary
@@ -256,11 +264,13 @@ def run_pass(
     summary: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
     resume: str | None = None,
+    steps_per_epoch: int = 0,
 ) -> tuple[PassResult, list[Path]]:
     """Train one pass of ``s.train_iterations`` steps with CSV logging, periodic and stop saves.
 
     Args:
         resume: a state file to continue from; None reads ``s.train_resume_state``, "" starts fresh.
+        steps_per_epoch: the dataset's steps per epoch (dataset modes), for ``save_every_n_epochs``.
 
     Returns:
         The pass result and the step/stop files written during it.
@@ -273,11 +283,18 @@ def run_pass(
     written: list[Path] = []
     extra = dict(extra or {})
 
+    epoch_saves = epoch_save_steps(total, steps_per_epoch, int(getattr(s, "save_every_n_epochs", 0) or 0))
+    step_saves = save_steps(total, int(s.save_per_steps))
+
     def save(step: int | None) -> str:
         # schedule-free optimizers hold averaged weights only in eval mode (§17 #13)
         eval_mode(optimizer.optimizer)
-        path = ctx.out.free_path(f"{suffix}_{step}steps")
-        written.append(save_network(ctx, s, network, path, steps=step or total, extra=extra))
+        names = [f"_epoch{epoch_saves[step]}"] if step in epoch_saves else []
+        if step not in epoch_saves or step in step_saves:
+            names.append(f"_{step}steps")  # also the stop-and-save file
+        for name in names:
+            path = ctx.out.free_path(f"{suffix}{name}")
+            written.append(save_network(ctx, s, network, path, steps=step or total, extra=extra))
         train_mode(optimizer.optimizer)
         if ctx.is_main:  # the state to continue from this step (train mode: the optimizer as it trains)
             save_state(state_path(path), step=int(step or total), pass_index=pass_index, settings=s, network=network,
@@ -300,19 +317,35 @@ def run_pass(
     params = {g["name"]: sum(p.numel() for p in g["params"]) for g in network.param_groups(1.0, 1.0)}
     ctx.events.emit(RunSummary(s.mode, pass_index, total, int(s.train_batch_size), trainable_params=params,
                                network=network.summary(), seed=ctx.seed, extra={k: str(v) for k, v in (summary or {}).items()}))
+    previews = None
+    if int(getattr(s, "sample_every_n_steps", 0) or 0) > 0 and ctx.is_main:
+        from trainer.sampling.hook import build_preview_hook
+
+        previews = build_preview_hook(ctx, s, network, pass_index=pass_index, total_steps=total)
     try:
         result = train_pass(
             loss_step, total_steps=total, optimizer=optimizer, schedule=schedule, precision=ctx.precision,
             events=ctx.events, stop=ctx.stop, save=save, save_every=int(s.save_per_steps),
             max_grad_norm=float(getattr(s, "train_max_grad_norm", 0) or 0), pass_index=pass_index, epoch=epoch,
-            after_backward=ctx.grad_sync, start_step=start,
+            after_backward=ctx.grad_sync, start_step=start, extra_saves=epoch_saves, after_step=previews,
         )
+        if previews is not None:
+            previews.finish(result.steps)  # the end-of-pass preview
     finally:
         if sink is not None:
             sink.close()
             ctx.events.sinks.remove(sink)
     eval_mode(optimizer.optimizer)
     return result, written
+
+
+def epoch_save_steps(total: int, steps_per_epoch: int, every_n_epochs: int) -> dict[int, int]:
+    """``{step: epoch}`` for the saves every ``every_n_epochs`` epochs, below ``total`` (the final save
+    carries no suffix)."""
+    if steps_per_epoch <= 0 or every_n_epochs <= 0:
+        return {}
+    ends = range(every_n_epochs, total // steps_per_epoch + 1, every_n_epochs)
+    return {k * steps_per_epoch: k for k in ends if k * steps_per_epoch < total}
 
 
 def _csv_header(ctx: RunContext, s) -> dict[str, str]:
