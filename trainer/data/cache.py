@@ -22,7 +22,7 @@ import torch
 
 from ..paths import atomic_write_bytes
 from .buckets import Bucket
-from .pixels import diff_mask, load_frame, mask_to_latent, to_pixels
+from .pixels import diff_mask, load_frame, loss_mask, mask_to_latent, to_pixels
 from .plan import DataPlan, PairPlan, PairSample, Sample
 
 Encode = Callable[[torch.Tensor], torch.Tensor]
@@ -36,9 +36,10 @@ class BucketData:
     Attributes:
         bucket: ``(width, height)`` in pixels.
         latents: float32 (N, C, h, w) on the CPU.
-        masks: float32 (N, 1, h, w) of 0/1 (alpha > 10 %, all ones for opaque images).
+        masks: float32 (N, 1, h, w) loss weights in [0, 1]: the ``<stem>_mask`` file's grey level or
+            the alpha channel (> 10 %), averaged per latent pixel; all ones for unmasked images.
         captions: N prompts.
-        samples: the N planned samples (path, crop, mirror) for SDXL size conditioning and reports.
+        samples: the N planned samples (path, crop, mirror, repeats, reg flag).
     """
 
     bucket: Bucket
@@ -49,6 +50,12 @@ class BucketData:
 
     def __len__(self) -> int:
         return len(self.captions)
+
+    def item_repeats(self) -> list[int]:
+        return [getattr(s, "repeats", 1) for s in self.samples]
+
+    def item_is_reg(self) -> list[bool]:
+        return [bool(getattr(s, "is_reg", False)) for s in self.samples]
 
 
 @dataclass
@@ -77,6 +84,11 @@ class Batch:
     captions: list[str]
     samples: list[Sample]
 
+    @property
+    def is_reg(self) -> torch.Tensor:
+        """bool (B,): which samples are regularization images."""
+        return torch.tensor([bool(getattr(s, "is_reg", False)) for s in self.samples], dtype=torch.bool)
+
 
 @dataclass
 class PairBatch:
@@ -98,6 +110,14 @@ class _Counted:
     def item_counts(self) -> list[int]:
         """Items per bucket, in ``buckets`` order (the batcher's input)."""
         return [len(b) for b in self.buckets]
+
+    def item_repeats(self) -> list[list[int]]:
+        """Per bucket, each item's own repeats (kohya folders; 1 for pairs), before ``num_multiply``."""
+        return [b.item_repeats() if hasattr(b, "item_repeats") else [1] * len(b) for b in self.buckets]
+
+    def item_is_reg(self) -> list[list[bool]]:
+        """Per bucket, which items are regularization images (none for pairs)."""
+        return [b.item_is_reg() if hasattr(b, "item_is_reg") else [False] * len(b) for b in self.buckets]
 
     def counts(self) -> dict[Bucket, int]:
         """``{bucket: items}`` for the start-of-run summary."""
@@ -156,7 +176,7 @@ def encode_samples(
     """
     def load(sample: Sample) -> tuple[torch.Tensor, np.ndarray | None]:
         rgb, alpha = load_frame(sample)
-        return to_pixels(rgb)[None], alpha
+        return to_pixels(rgb)[None], loss_mask(sample, alpha)
 
     records = _encode_all(_group(plan.samples, lambda s: s.bucket), load, _sample_key, encode,
                           batch_size, on_progress, cache_dir, cache_key)
@@ -253,7 +273,10 @@ def _sample_key(sample: Sample, extra: str) -> str:
     """Hash of what determines a latent: file identity (path, mtime, size), frame, mirror, encoder."""
     stat = sample.path.stat()
     ident = [str(sample.path.resolve()), stat.st_mtime_ns, stat.st_size, list(sample.bucket),
-             sample.mirrored, list(sample.image_size), extra]
+             sample.mirrored, list(sample.image_size), extra, "weights-v2"]  # v2: masks are area-averaged weights
+    if sample.mask_path is not None:
+        mstat = sample.mask_path.stat()
+        ident += [str(sample.mask_path.resolve()), mstat.st_mtime_ns, mstat.st_size]
     return hashlib.sha256(json.dumps(ident).encode()).hexdigest()
 
 

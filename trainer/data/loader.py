@@ -46,9 +46,11 @@ class BatchRef:
 class BucketBatcher:
     """Endless iterator of :class:`BatchRef`.
 
-    Within an epoch each bucket's items (repeated ``num_multiply`` times; a bucket smaller than the batch
-    repeated ``batch_size`` times, as §10.10) are shuffled and cut into batches, the last one possibly
-    short; the next batch comes from a bucket picked uniformly among those not yet exhausted (§10.12).
+    Within an epoch each bucket's items (each repeated its own repeats × ``num_multiply`` times; a bucket
+    smaller than the batch repeated ``batch_size`` times, as §10.10) are shuffled and cut into batches, the
+    last one possibly short; the next batch comes from a bucket picked uniformly among those not yet
+    exhausted (§10.12). Regularization items join the shuffle as kohya mixes them: per epoch as many reg
+    samples as training samples, each bucket taking its share and rotating through its reg pool.
 
     Args:
         cached: encoded data with ``item_counts()``, ``num_multiply`` and ``buckets[i].bucket``.
@@ -68,11 +70,20 @@ class BucketBatcher:
             raise SettingsError("train_batch_size", f"{batch_size} must be 1 or more")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
-        self._bases = list(cached.item_counts())
-        self._multiply = cached.num_multiply
-        self._counts = [n * self._multiply for n in self._bases]
-        if not any(self._counts):
+        bases = list(cached.item_counts())
+        multiply = cached.num_multiply
+        repeats = getattr(cached, "item_repeats", lambda: [[1] * n for n in bases])()
+        is_reg = getattr(cached, "item_is_reg", lambda: [[False] * n for n in bases])()
+        # per bucket: (item, repeats) of training items; image_num_multiply applies to them only
+        self._train = [[(i, r * multiply) for i, (r, reg) in enumerate(zip(rs, regs, strict=True)) if not reg]
+                       for rs, regs in zip(repeats, is_reg, strict=True)]
+        pools = [[i for rep in range(max(rs, default=0)) for i, (r, reg) in enumerate(zip(rs, regs, strict=True))
+                  if reg and r > rep] for rs, regs in zip(repeats, is_reg, strict=True)]
+        n_train = sum(r for items in self._train for _, r in items)
+        if not n_train:
             raise InputError("lora_data_directory", "no encoded samples to train on; add images to the folder")
+        self._reg_pools, self._reg_take = pools, _share(n_train, [len(p) for p in pools])
+        self._counts = [sum(r for _, r in items) + take for items, take in zip(self._train, self._reg_take, strict=True)]
         self._buckets = [tuple(b.bucket) for b in cached.buckets]  # type: ignore[attr-defined]
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
         self.batches_per_epoch = sum(self._bucket_batches(n) for n in self._counts)
@@ -111,8 +122,11 @@ class BucketBatcher:
         """Shuffle each bucket, cut batches, then interleave by picking random non-exhausted buckets."""
         gen = torch.Generator().manual_seed(_epoch_seed(self.seed, epoch))
         queues: list[list[tuple[int, ...]]] = []
-        for base in self._bases:
-            items = list(range(base)) * self._multiply
+        for train, pool, take in zip(self._train, self._reg_pools, self._reg_take, strict=True):
+            # repeats laid out round by round: with equal repeats this is range(n) * repeats, as before
+            items = [i for rep in range(max((r for _, r in train), default=0)) for i, r in train if r > rep]
+            # this bucket's share of reg samples, rotating through its reg pool from epoch to epoch
+            items += [pool[(epoch * take + k) % len(pool)] for k in range(take)]
             if 0 < len(items) < self.batch_size:
                 items = items * self.batch_size
             order = [items[i] for i in torch.randperm(len(items), generator=gen).tolist()]
@@ -148,6 +162,20 @@ class BucketBatcher:
                 raise ValueError(f"batcher state has {key}={state[key]}, this run has {mine[key]}; "
                                  "the dataset or settings changed since the state was saved")
         self._next = int(state["next_global"]) + self.rank
+
+
+def _share(total: int, sizes: list[int]) -> list[int]:
+    """Split ``total`` reg samples per epoch over buckets in proportion to their reg pools (largest
+    remainder), so every epoch has exactly one reg sample per training sample and every reg image is used."""
+    pool = sum(sizes)
+    if not pool:
+        return [0] * len(sizes)
+    exact = [total * n / pool for n in sizes]
+    shares = [int(x) for x in exact]
+    by_remainder = sorted(range(len(sizes)), key=lambda i: (-(exact[i] - shares[i]), i))
+    for i in by_remainder[: total - sum(shares)]:
+        shares[i] += 1
+    return shares
 
 
 def _epoch_seed(seed: int, epoch: int) -> int:

@@ -43,6 +43,25 @@ def load_frame(sample: Sample) -> tuple[np.ndarray, np.ndarray | None]:
     return np.ascontiguousarray(rgb_arr), (np.ascontiguousarray(alpha_arr) if alpha_arr is not None else None)
 
 
+def loss_mask(sample: Sample, alpha: np.ndarray | None) -> np.ndarray | None:
+    """The per-pixel loss weight of a sample at its bucket size (``masked_loss``), float32 in [0, 1].
+
+    A ``<stem>_mask`` file wins (its grey level is the weight: white learns, black is ignored; one of
+    another size is first resized to the image); else the alpha channel (present = 1); else None.
+
+    Args:
+        sample: the planned sample.
+        alpha: its bucket-sized alpha mask from :func:`load_frame` (already mirrored), or None.
+    """
+    if sample.mask_path is None:
+        return None if alpha is None else alpha.astype(np.float32)
+    grey = open_image(sample.mask_path).rgb.convert("L")
+    if grey.size != sample.image_size:
+        grey = grey.resize(sample.image_size, Image.Resampling.BILINEAR)
+    arr = np.asarray(resize_and_crop(grey, sample.bucket, Image.Resampling.BILINEAR), dtype=np.float32) / 255.0
+    return np.ascontiguousarray(arr[:, ::-1] if sample.mirrored else arr)
+
+
 def _alpha_image(mask: np.ndarray | None) -> Image.Image | None:
     """A bool mask as an ``L`` image (0/255) so it can share PIL's resize and crop."""
     return Image.fromarray(mask.astype(np.uint8) * 255, mode="L") if mask is not None else None
@@ -70,13 +89,16 @@ def mask_to_latent(mask: np.ndarray | None, latent_hw: tuple[int, int]) -> torch
     """Nearest-resize a pixel mask to the latent grid.
 
     Args:
-        mask: ``bool`` (H, W), or ``None`` for "everything counts".
+        mask: ``bool`` (H, W) for a 0/1 mask (pair differences: nearest), float32 (H, W) for loss weights
+            (averaged over each latent pixel's area, so a half-covered latent pixel weighs 0.5), or
+            ``None`` for "everything counts".
         latent_hw: (height, width) of the latent.
 
     Returns:
-        float32 (1, h, w) of 0/1, broadcastable over the latent channels (any family's channel count).
+        float32 (1, h, w), broadcastable over the latent channels (any family's channel count).
     """
     if mask is None:
         return torch.ones(1, *latent_hw)
     t = torch.from_numpy(mask.astype(np.float32))[None, None]
-    return F.interpolate(t, size=latent_hw, mode="nearest")[0]
+    mode = "nearest" if mask.dtype == np.bool_ else "area"
+    return F.interpolate(t, size=latent_hw, mode=mode)[0]

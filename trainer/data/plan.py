@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +33,10 @@ class Sample:
         is_sub: a down-scaled sub-image frame (§10.7) rather than the main bucket.
         image_size: ``(width, height)`` the image is brought to before bucketing: its own upright size,
             or a pair's common size (the loader resizes with Lanczos when they differ).
+        repeats: kohya folder repeats (``3_cat/``) of this image, times ``reg_num_multiply`` for reg images;
+            ``image_num_multiply`` is applied on top, to training images only, by the batcher.
+        is_reg: a regularization image (its loss is weighted by ``prior_loss_weight``).
+        mask_path: a ``<stem>_mask`` image weighting this sample's loss (``masked_loss``).
     """
 
     path: Path
@@ -41,6 +45,9 @@ class Sample:
     caption: str
     is_sub: bool
     image_size: tuple[int, int]
+    repeats: int = 1
+    is_reg: bool = False
+    mask_path: Path | None = None
 
     @property
     def crop_left_top(self) -> tuple[int, int]:
@@ -81,8 +88,14 @@ class DataPlan:
         return {b: counts[b] for b in self.main_buckets + self.sub_buckets}
 
     def tag_frequency(self) -> dict[str, int]:
-        """Tag counts over all samples (feeds ``ss_tag_frequency``)."""
-        return tag_frequency(s.caption for s in self.samples)
+        """Tag counts over the training samples (feeds ``ss_tag_frequency``)."""
+        return tag_frequency(s.caption for s in self.samples if not s.is_reg)
+
+    def with_reg(self, reg: DataPlan) -> DataPlan:
+        """This plan plus a regularization plan built with the same bucket settings."""
+        assert reg.main_buckets == self.main_buckets and reg.sub_buckets == self.sub_buckets, "reg framing differs"
+        return DataPlan(self.samples + reg.samples, self.main_buckets, self.sub_buckets, self.num_multiply,
+                        self.warnings + [f"reg: {w}" for w in reg.warnings])
 
 
 @dataclass
@@ -159,6 +172,7 @@ def plan_samples(
     images: Sequence[str | os.PathLike[str]], *, size_hw: tuple[int, int], bucket_step: int, min_length: int,
     max_ratio: float, sub_image_num: int = 0, mirroring: bool = False, disable_upscale: bool = False,
     num_multiply: int = 1, trigger: str = "", use_filename_as_tag: bool = False,
+    repeats: Callable[[Path], int] | None = None, masks: Mapping[Path, Path] | None = None, is_reg: bool = False,
 ) -> DataPlan:
     """Plan the LoRA-mode samples for a list of image files.
 
@@ -174,6 +188,9 @@ def plan_samples(
         num_multiply: ``image_num_multiply``, repeats per epoch (recorded, applied by the batcher).
         trigger: ``lora_trigger_word``.
         use_filename_as_tag: ``image_use_filename_as_tag``.
+        repeats: per-image repeats (kohya ``N_name`` folders, ``ScanResult.repeats``); None = 1 each.
+        masks: ``{image: mask file}`` (``ScanResult.masks``); a mask of another size is noted and resized.
+        is_reg: these are regularization images.
 
     Returns:
         A :class:`DataPlan`; unreadable files are listed in ``warnings``.
@@ -198,11 +215,29 @@ def plan_samples(
         frames, dropped = framing.frames(*size)
         if dropped:
             too_small.append(path.name)
-        samples += [Sample(path, b, m, caption, sub, size) for b, sub, m in frames]
+        mask = _checked_mask(path, size, (masks or {}).get(path), warnings)
+        reps = repeats(path) if repeats is not None else 1
+        samples += [Sample(path, b, m, caption, sub, size, reps, is_reg, mask) for b, sub, m in frames]
     _note_upscale(too_small, warnings)
     if not samples:
         raise InputError(DATA_KEY, f"no usable images among {len(images)} file(s); {_why(warnings)}")
     return DataPlan(samples, framing.main, framing.sub, num_multiply, warnings)
+
+
+def _checked_mask(image: Path, size: tuple[int, int], mask: Path | None, warnings: list[str]) -> Path | None:
+    """The mask file if it is readable; a mask of another size is kept (the loader resizes it) and noted."""
+    if mask is None:
+        return None
+    try:
+        mask_size = open_image(mask).size
+    except InputError as err:
+        warnings.append(f"masked_loss: {mask.name} is unreadable ({err.message}); {image.name} trains unmasked")
+        return None
+    if mask_size != size:
+        warnings.append(f"masked_loss: {mask.name} is {mask_size[0]}x{mask_size[1]} but {image.name} is "
+                        f"{size[0]}x{size[1]}; the mask is resized to the image (save it at the image's size to "
+                        "silence this)")
+    return mask
 
 
 def _note_upscale(names: list[str], warnings: list[str]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,6 +13,8 @@ from ..errors import InputError
 # "photo.JPG" and accepted "notapng" (§17 #23).
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".tif", ".tiff", ".bmp", ".webp", ".pcx", ".ico")
 CAPTION_EXTENSIONS = (".txt", ".caption")
+MASK_SUFFIX = "_mask"  # <stem>_mask.png beside <stem>.<ext> is a loss mask, not a training image
+_REPEAT_DIR = re.compile(r"^(\d+)_(.+)$")  # kohya's "<repeats>_<name>" dataset folders
 
 
 @dataclass(frozen=True)
@@ -25,6 +28,12 @@ class ScanResult:
 
     images: list[Path]
     skipped: list[tuple[Path, str]] = field(default_factory=list)
+    root: Path | None = None
+    masks: dict[Path, Path] = field(default_factory=dict)  # image -> its <stem>_mask file
+
+    def repeats(self, image: Path) -> int:
+        """kohya folder repeats of ``image``: the ``N`` of the first ``N_name`` folder under the root, else 1."""
+        return folder_repeats(image, self.root) if self.root is not None else 1
 
 
 def is_image_path(path: str | os.PathLike[str]) -> bool:
@@ -64,8 +73,35 @@ def scan_images(root: str | os.PathLike[str], *, key: str = "lora_data_directory
             str(root_path),
             f"{key}: no images found; add files ending in {', '.join(IMAGE_EXTENSIONS)} (any case)",
         )
+    images, masks = _split_masks(images)
     rel = lambda p: p.relative_to(root_path).as_posix()  # noqa: E731 - sort key used twice
-    return ScanResult(sorted(images, key=rel), sorted(skipped, key=lambda s: rel(s[0])))
+    return ScanResult(sorted(images, key=rel), sorted(skipped, key=lambda s: rel(s[0])), root_path, masks)
+
+
+def folder_repeats(image: str | os.PathLike[str], root: str | os.PathLike[str]) -> int:
+    """Repeats from kohya's folder naming: ``root/3_cat/x.png`` repeats 3 times; other layouts 1.
+
+    The outermost ``N_name`` folder counts (kohya puts one such level under the dataset root); ``0_x``
+    counts as 1, not as "skip", so no image silently disappears.
+    """
+    for part in Path(image).relative_to(root).parts[:-1]:
+        match = _REPEAT_DIR.match(part)
+        if match:
+            return max(int(match.group(1)), 1)
+    return 1
+
+
+def _split_masks(images: list[Path]) -> tuple[list[Path], dict[Path, Path]]:
+    """Separate ``<stem>_mask.<ext>`` files that have a partner image; they weight its loss instead."""
+    by_stem = {(p.parent, p.stem): p for p in images}
+    masks: dict[Path, Path] = {}
+    for p in images:
+        if p.stem.endswith(MASK_SUFFIX):
+            partner = by_stem.get((p.parent, p.stem[: -len(MASK_SUFFIX)]))
+            if partner is not None:
+                masks[partner] = p
+    mask_files = set(masks.values())
+    return [p for p in images if p not in mask_files], masks
 
 
 def _classify(path: Path, images: list[Path], skipped: list[tuple[Path, str]]) -> None:

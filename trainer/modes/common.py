@@ -39,6 +39,49 @@ class NoiseSchedule:
         return self._coef(self.sqrt_a, t, x0) * eps - self._coef(self.sqrt_1ma, t, x0) * x0
 
 
+@dataclass(frozen=True)
+class NoiseControls:
+    """The training-noise tweaks kohya users know: noise offset and multi-resolution (pyramid) noise.
+
+    With both off, :meth:`draw` is exactly one ``randn`` from the generator, so default runs draw the
+    same noise as before these controls existed.
+    """
+
+    offset: float = 0.0
+    multires_iterations: int = 0
+    multires_discount: float = 0.3
+
+    @classmethod
+    def from_settings(cls, s) -> NoiseControls:
+        return cls(float(getattr(s, "noise_offset", 0.0) or 0.0), int(getattr(s, "multires_noise_iterations", 0) or 0),
+                   float(getattr(s, "multires_noise_discount", 0.3) or 0.3))
+
+    def draw(self, shape: tuple[int, ...], generator: torch.Generator, device: torch.device,
+             dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Noise of ``shape`` (B, C, H, W) drawn on the generator's device, returned on ``device``."""
+        eps = torch.randn(shape, generator=generator, device=generator.device, dtype=dtype)
+        if self.offset > 0:
+            # one constant per sample and channel: lets the LoRA shift overall brightness (Guttenberg 2023)
+            eps = eps + self.offset * torch.randn((*shape[:2], 1, 1), generator=generator, device=generator.device,
+                                                  dtype=dtype)
+        if self.multires_iterations > 0:
+            eps = self._pyramid(eps, generator)
+        return eps.to(device)
+
+    def _pyramid(self, eps: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Add up-sampled coarse noise levels (each 2-4x smaller, weight discount^i), then renormalise."""
+        b, c, h, w = eps.shape
+        factors = (2 + 2 * torch.rand(self.multires_iterations, generator=generator, device=generator.device)).tolist()
+        out = eps
+        for i, r in enumerate(factors, 1):
+            hi, wi = max(1, int(h / r**i)), max(1, int(w / r**i))
+            coarse = torch.randn((b, c, hi, wi), generator=generator, device=generator.device, dtype=eps.dtype)
+            out = out + F.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False) * self.multires_discount**i
+            if hi == 1 or wi == 1:
+                break
+        return out / out.std()
+
+
 def check_timestep_range(lo: int, hi: int) -> None:
     """Raises SettingsError unless 0 ≤ lo < hi ≤ 1000."""
     if not 0 <= lo < hi <= 1000:
@@ -88,8 +131,11 @@ class DenoiseLoss:
         return torch.minimum(gamma / snr, torch.ones_like(snr))
 
     def __call__(
-        self, pred: torch.Tensor, target: torch.Tensor, t: torch.Tensor, mask: torch.Tensor | None = None
+        self, pred: torch.Tensor, target: torch.Tensor, t: torch.Tensor, mask: torch.Tensor | None = None,
+        weights: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """Args: mask: per-pixel loss weights broadcastable to ``pred``; weights: per-sample factors (B,)
+        such as ``prior_loss_weight`` for regularization samples."""
         loss = self.elementwise(pred.float(), target.float())
         if mask is not None:
             # mean over the masked area only, so a small mask does not shrink the loss
@@ -99,6 +145,8 @@ class DenoiseLoss:
             per_sample = loss.flatten(1).mean(1)
         if self.snr_gamma > 0:
             per_sample = per_sample * self.weights(t)
+        if weights is not None:
+            per_sample = per_sample * weights.to(per_sample.device, per_sample.dtype)
         return per_sample.mean()
 
 
