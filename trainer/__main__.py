@@ -36,6 +36,8 @@ def _train_parser(sub) -> None:
     p.add_argument("--device", help="cuda, cpu, mps, cuda:1 … (default: the best available)")
     p.add_argument("--result-json", help="write the result as JSON to this file")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--count-steps", action="store_true",
+                   help="print the run's length (steps = epochs × batches, images × repeats) and exit without training")
 
 
 def build_settings(args: argparse.Namespace):
@@ -73,6 +75,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     from trainer.runner import run_job
 
     settings = build_settings(args)
+    if args.count_steps:
+        from trainer.modes.dataset import describe_steps
+
+        print(describe_steps(settings))
+        return 0
     # under torchrun (WORLD_SIZE > 1) this joins the process group; otherwise a one-process no-op
     dp = distributed.from_env(args.device)
     succeeded = False

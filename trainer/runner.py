@@ -14,6 +14,7 @@ from typing import Any
 
 from trainer.errors import SettingsError, ValidationError
 from trainer.modes import MODES
+from trainer.modes.dataset import resolve_steps
 from trainer.modes.setup import OutputPlan, RunContext
 from trainer.paths import safe_name
 from trainer.progress import Events
@@ -58,6 +59,10 @@ def run_job(
     if settings.mode not in MODES:
         raise SettingsError("mode", f"unknown '{settings.mode}'; choose one of {', '.join(MODES)}")
     recipe = MODES[settings.mode]
+    # train_epochs sets train_iterations from the dataset (before outputs are planned: step files depend on it)
+    settings, steps = resolve_steps(settings, world_size=world_size)
+    if steps is not None:
+        events.info(steps.line())
     seed = resolve_seed(settings.train_seed)
     stamp = time.strftime("%Y%m%d_%H%M%S")
     out = OutputPlan(host.lora_dir(), safe_name(settings.save_lora_name, "save_lora_name"), stamp,

@@ -8,10 +8,12 @@ from .cache import (
     CachedPairs,
     PairBatch,
     PairBucketData,
+    PlannedCounts,
     encode_pairs,
     encode_samples,
+    planned_counts,
 )
-from .captions import compose_caption, filename_tags, read_caption_file, tag_frequency
+from .captions import CaptionAugment, compose_caption, filename_tags, read_caption_file, tag_frequency
 from .images import LoadedImage, open_image
 from .loader import BatchRef, BucketBatcher
 from .pixels import diff_mask, load_frame
@@ -20,8 +22,8 @@ from .scan import IMAGE_EXTENSIONS, ScanResult, is_image_path, scan_images
 
 __all__ = [
     "IMAGE_EXTENSIONS", "Batch", "BatchRef", "BucketBatcher", "BucketData", "CachedData", "CachedPairs",
-    "DataPlan", "LoadedImage", "PairBatch", "PairBucketData", "PairPlan", "PairSample", "Sample", "ScanResult",
-    "assign_bucket", "compose_caption", "crop_geometry", "diff_mask", "encode_pairs", "encode_samples",
+    "DataPlan", "LoadedImage", "PairBatch", "PairBucketData", "PairPlan", "PairSample", "PlannedCounts", "Sample", "ScanResult",
+    "CaptionAugment", "assign_bucket", "compose_caption", "crop_geometry", "diff_mask", "encode_pairs", "encode_samples",
     "filename_tags", "find_pairs", "is_image_path", "load_frame", "make_buckets", "open_image", "plan_pairs",
-    "plan_samples", "read_caption_file", "resize_and_crop", "scan_images", "tag_frequency", "upscale_needed",
+    "plan_samples", "planned_counts", "read_caption_file", "resize_and_crop", "scan_images", "tag_frequency", "upscale_needed",
 ]

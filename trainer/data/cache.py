@@ -29,8 +29,20 @@ Encode = Callable[[torch.Tensor], torch.Tensor]
 Progress = Callable[[int, int], None]
 
 
+class _Items:
+    """Per-item batcher facts read from ``samples`` (pairs have neither repeats nor reg flags)."""
+
+    samples: list
+
+    def item_repeats(self) -> list[int]:
+        return [getattr(s, "repeats", 1) for s in self.samples]
+
+    def item_is_reg(self) -> list[bool]:
+        return [bool(getattr(s, "is_reg", False)) for s in self.samples]
+
+
 @dataclass
-class BucketData:
+class BucketData(_Items):
     """All cached samples of one bucket.
 
     Attributes:
@@ -51,15 +63,9 @@ class BucketData:
     def __len__(self) -> int:
         return len(self.captions)
 
-    def item_repeats(self) -> list[int]:
-        return [getattr(s, "repeats", 1) for s in self.samples]
-
-    def item_is_reg(self) -> list[bool]:
-        return [bool(getattr(s, "is_reg", False)) for s in self.samples]
-
 
 @dataclass
-class PairBucketData:
+class PairBucketData(_Items):
     """All cached pairs of one bucket (Multi-ADDifT); ``masks`` is the real per-pair diff mask."""
 
     bucket: Bucket
@@ -72,6 +78,10 @@ class PairBucketData:
 
     def __len__(self) -> int:
         return len(self.orig_captions)
+
+    @property
+    def samples(self) -> list[PairSample]:  # type: ignore[override]
+        return self.pairs
 
 
 @dataclass
@@ -113,11 +123,11 @@ class _Counted:
 
     def item_repeats(self) -> list[list[int]]:
         """Per bucket, each item's own repeats (kohya folders; 1 for pairs), before ``num_multiply``."""
-        return [b.item_repeats() if hasattr(b, "item_repeats") else [1] * len(b) for b in self.buckets]
+        return [b.item_repeats() for b in self.buckets]
 
     def item_is_reg(self) -> list[list[bool]]:
         """Per bucket, which items are regularization images (none for pairs)."""
-        return [b.item_is_reg() if hasattr(b, "item_is_reg") else [False] * len(b) for b in self.buckets]
+        return [b.item_is_reg() for b in self.buckets]
 
     def counts(self) -> dict[Bucket, int]:
         """``{bucket: items}`` for the start-of-run summary."""
@@ -150,6 +160,35 @@ class CachedPairs(_Counted):
         b, idx = self.buckets[bucket_index], torch.as_tensor(indices, dtype=torch.long)
         return PairBatch(b.bucket, b.orig_latents[idx], b.targ_latents[idx], b.masks[idx],
                          [b.orig_captions[i] for i in indices], [b.targ_captions[i] for i in indices])
+
+
+@dataclass
+class PlannedBucket(_Items):
+    """One bucket of a plan before encoding: what the batcher counts."""
+
+    bucket: Bucket
+    samples: list
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+
+@dataclass
+class PlannedCounts(_Counted):
+    """A plan seen as the batcher sees encoded data, without encoding anything: the step count of
+    ``train_epochs`` and the epoch summary shown before a run."""
+
+    buckets: list[PlannedBucket]
+    num_multiply: int = 1
+
+
+def planned_counts(plan: DataPlan | PairPlan) -> PlannedCounts:
+    """Group a plan's samples (or pairs) by bucket exactly as :func:`encode_samples` (:func:`encode_pairs`) do."""
+    if isinstance(plan, PairPlan):
+        groups = _group(plan.pairs, lambda p: p.orig.bucket)
+    else:
+        groups = _group(plan.samples, lambda s: s.bucket)
+    return PlannedCounts([PlannedBucket(b, items) for b, items in groups.items()], plan.num_multiply)
 
 
 def encode_samples(

@@ -19,11 +19,14 @@ from .buckets import Bucket
 
 
 class _Buckets(Protocol):
-    """What the batcher needs from :class:`CachedData` / :class:`CachedPairs`."""
+    """What the batcher needs from :class:`CachedData` / :class:`CachedPairs` / :class:`PlannedCounts`."""
 
     num_multiply: int
+    buckets: list
 
-    def item_counts(self) -> list[int]: ...
+    def item_repeats(self) -> list[list[int]]: ...
+
+    def item_is_reg(self) -> list[list[bool]]: ...
 
 
 @dataclass(frozen=True)
@@ -53,7 +56,8 @@ class BucketBatcher:
     samples as training samples, each bucket taking its share and rotating through its reg pool.
 
     Args:
-        cached: encoded data with ``item_counts()``, ``num_multiply`` and ``buckets[i].bucket``.
+        cached: encoded (or planned) data with ``item_repeats()``, ``item_is_reg()``, ``num_multiply`` and
+            ``buckets[i].bucket``.
         batch_size: ``train_batch_size``.
         seed: the run seed; same seed, same batches.
         rank: this process's rank for DDP.
@@ -70,10 +74,8 @@ class BucketBatcher:
             raise SettingsError("train_batch_size", f"{batch_size} must be 1 or more")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
-        bases = list(cached.item_counts())
         multiply = cached.num_multiply
-        repeats = getattr(cached, "item_repeats", lambda: [[1] * n for n in bases])()
-        is_reg = getattr(cached, "item_is_reg", lambda: [[False] * n for n in bases])()
+        repeats, is_reg = cached.item_repeats(), cached.item_is_reg()
         # per bucket: (item, repeats) of training items; image_num_multiply applies to them only
         self._train = [[(i, r * multiply) for i, (r, reg) in enumerate(zip(rs, regs, strict=True)) if not reg]
                        for rs, regs in zip(repeats, is_reg, strict=True)]

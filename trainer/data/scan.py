@@ -35,18 +35,24 @@ class ScanResult:
         """kohya folder repeats of ``image``: the ``N`` of the first ``N_name`` folder under the root, else 1."""
         return folder_repeats(image, self.root) if self.root is not None else 1
 
+    def folder_class(self, image: Path) -> str:
+        """The ``name`` of the ``N_name`` folder holding ``image`` (kohya's class tokens), else ""."""
+        return folder_class(image, self.root) if self.root is not None else ""
+
 
 def is_image_path(path: str | os.PathLike[str]) -> bool:
     """True when the file name ends with a known image extension (any case)."""
     return Path(path).suffix.lower() in IMAGE_EXTENSIONS
 
 
-def scan_images(root: str | os.PathLike[str], *, key: str = "lora_data_directory") -> ScanResult:
+def scan_images(root: str | os.PathLike[str], *, key: str = "lora_data_directory", masks: bool = False) -> ScanResult:
     """List the images under ``root``, recursively, in a deterministic order.
 
     Args:
         root: the dataset folder.
         key: the settings key to name in errors (the folder field of the calling mode).
+        masks: ``masked_loss``: ``<stem>_mask`` files beside an image become its loss mask instead of
+            training images (off: they are images like any other, as before masked loss existed).
 
     Returns:
         A :class:`ScanResult`.
@@ -73,9 +79,11 @@ def scan_images(root: str | os.PathLike[str], *, key: str = "lora_data_directory
             str(root_path),
             f"{key}: no images found; add files ending in {', '.join(IMAGE_EXTENSIONS)} (any case)",
         )
-    images, masks = _split_masks(images)
+    found: dict[Path, Path] = {}
+    if masks:
+        images, found = _split_masks(images)
     rel = lambda p: p.relative_to(root_path).as_posix()  # noqa: E731 - sort key used twice
-    return ScanResult(sorted(images, key=rel), sorted(skipped, key=lambda s: rel(s[0])), root_path, masks)
+    return ScanResult(sorted(images, key=rel), sorted(skipped, key=lambda s: rel(s[0])), root_path, found)
 
 
 def folder_repeats(image: str | os.PathLike[str], root: str | os.PathLike[str]) -> int:
@@ -89,6 +97,15 @@ def folder_repeats(image: str | os.PathLike[str], root: str | os.PathLike[str]) 
         if match:
             return max(int(match.group(1)), 1)
     return 1
+
+
+def folder_class(image: str | os.PathLike[str], root: str | os.PathLike[str]) -> str:
+    """The name of the outermost kohya ``N_name`` folder holding ``image`` (``3_sks dog`` → ``sks dog``), or ""."""
+    for part in Path(image).relative_to(root).parts[:-1]:
+        match = _REPEAT_DIR.match(part)
+        if match:
+            return match.group(2).strip()
+    return ""
 
 
 def _split_masks(images: list[Path]) -> tuple[list[Path], dict[Path, Path]]:

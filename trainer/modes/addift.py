@@ -54,7 +54,7 @@ def addift_loss(ctx: RunContext, s, network, draw: Callable[[int], tuple]) -> Ca
             x_o, x_t, c_o, c_t = x_t, x_o, c_t, c_o
         forward = step % 2 == 0
         t = torch.full((x_o.shape[0],), decile_timestep(step, lo, hi), device=x_o.device, dtype=torch.long)
-        eps = torch.randn(x_o.shape, generator=gen, device=gen.device).to(x_o.device)
+        eps = ctx.draw_noise(x_o, gen)
         if ratio < 0 and not forward:
             x_o = x_t = eps  # regulariser: on pure noise the negative LoRA must change nothing
         a_in = ctx.noise.add_noise(x_o if forward else x_t, eps, t)

@@ -54,7 +54,7 @@ def denoise_loss(ctx: RunContext, s, latent: torch.Tensor, cond, gen: torch.Gene
     x0, cond = latent.expand(batch, *latent.shape[1:]), cond.repeat(batch)
 
     def loss_step(step: int) -> torch.Tensor:
-        eps = torch.randn(x0.shape, generator=gen, device=gen.device).to(x0.device)
+        eps = ctx.draw_noise(x0, gen)
         t = sample_timesteps(batch, lo, hi, fixed_in_batch=fixed, generator=gen, device=x0.device)
         pred = bundle.predict(ctx.noise.add_noise(x0, eps, t), t, cond)
         return loss_fn(pred, ctx.noise.v_target(x0, eps, t) if bundle.v_pred else eps, t)

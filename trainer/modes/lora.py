@@ -12,17 +12,17 @@ import json
 
 import torch
 
-from trainer.data import BucketBatcher, plan_samples, scan_images
+from trainer.data import BucketBatcher, CaptionAugment
 from trainer.effect import measure_effect
 from trainer.modes.common import sample_timesteps, save_steps
+from trainer.modes.dataset import dataset_metadata, plan_lora_data
 from trainer.modes.setup import (
-    CaptionConds,
+    CaptionEncoder,
     ModeOutcome,
     RunContext,
     build_adapters,
     encode_dataset_images,
     finish,
-    plan_kwargs,
     run_pass,
     train_text_encoder,
 )
@@ -33,12 +33,19 @@ def planned_suffixes(s) -> list[str]:
 
 
 def load_dataset(ctx: RunContext, s):
-    """Scan, plan (buckets, sub-images, mirrors) and encode the image folder."""
-    scan = scan_images(s.lora_data_directory)
-    for path, reason in scan.skipped:
-        ctx.note(f"skipped {path}: {reason}")
-    plan = plan_samples(scan.images, **plan_kwargs(s))
+    """Scan, plan (buckets, sub-images, mirrors, repeats, masks, reg images) and encode the image folder."""
+    plan = plan_lora_data(s, ctx.note)
     return plan, encode_dataset_images(ctx, plan)
+
+
+def caption_augment(ctx: RunContext, s, captions: list[str]) -> CaptionAugment:
+    """The run's caption controls; notes captions that ``keep_tokens`` leaves nothing to shuffle in."""
+    augment = CaptionAugment.from_settings(s, ctx.seed, ctx.rank)
+    short, example = augment.short_captions(captions)
+    if short:
+        ctx.note(f"keep_tokens: {short} caption(s) have no more than {augment.keep_tokens} tag(s) after the trigger "
+                 f"word (e.g. '{example}'), so nothing in them is shuffled or dropped; lower keep_tokens")
+    return augment
 
 
 def run(ctx: RunContext) -> ModeOutcome:
@@ -50,37 +57,47 @@ def run(ctx: RunContext) -> ModeOutcome:
     # build adapters before caching captions: with BASE the text encoder runs with its adapters every step
     network = build_adapters(ctx, s, resume=s.network_resume)
     captions = [c for b in data.buckets for c in b.captions]
-    conds = None if train_te else CaptionConds(bundle, captions)
-    if not train_te:
+    encode = CaptionEncoder(bundle, captions, caption_augment(ctx, s, captions), train_te=train_te)
+    if not encode.per_step:
         bundle.offload("text_encoders")
     bundle.set_gradient_checkpointing(bool(s.use_gradient_checkpointing))
     gen, loss_fn = ctx.generator(1), ctx.loss_fn(s)
     lo, hi, fixed = int(s.train_min_timesteps), int(s.train_max_timesteps), bool(s.train_fixed_timsteps_in_batch)
+    masked, reg = bool(s.masked_loss), any(x.is_reg for x in plan.samples)
+    prior = float(s.prior_loss_weight)
 
     def loss_step(step: int) -> torch.Tensor:
         ref = next(batcher)
         batch = data.gather(ref.bucket_index, list(ref.indices))
         x0 = batch.latents
-        eps = torch.randn(x0.shape, generator=gen, device=gen.device, dtype=x0.dtype).to(x0.device)
+        eps = ctx.draw_noise(x0, gen, x0.dtype)
         t = sample_timesteps(x0.shape[0], lo, hi, fixed_in_batch=fixed, generator=gen, device=x0.device)
-        cond = bundle.encode_prompts(batch.captions) if train_te else conds.lookup(batch.captions)
-        pred = bundle.predict(ctx.noise.add_noise(x0, eps, t), t, cond)
+        pred = bundle.predict(ctx.noise.add_noise(x0, eps, t), t, encode(batch.captions, step))
         target = ctx.noise.v_target(x0, eps, t) if bundle.v_pred else eps
-        return loss_fn(pred, target, t)
+        # kohya's prior preservation: regularization samples count prior_loss_weight times
+        weights = torch.where(batch.is_reg, prior, 1.0) if reg else None
+        return loss_fn(pred, target, t, batch.masks if masked else None, weights)
 
     def probe() -> float:
         first = data.buckets[0]
-        cond = bundle.encode_prompts(first.captions[:1]) if train_te else conds.lookup(first.captions[:1])
+        with torch.no_grad():
+            cond = (encode.cached.lookup(first.captions[:1]) if encode.cached is not None
+                    else bundle.encode_prompts(first.captions[:1]))
         return measure_effect(bundle, network, cond, latent_hw=tuple(first.latents.shape[-2:]),
                               autocast=ctx.precision.autocast())
 
     counts = {f"{w}x{h}": n for (w, h), n in data.counts().items()}
-    extra = {"ss_tag_frequency": json.dumps({"1": plan.tag_frequency()}), "ss_num_train_images": str(len(plan.samples)),
+    train_count = sum(1 for x in plan.samples if not x.is_reg)
+    extra = {"ss_tag_frequency": json.dumps({"1": plan.tag_frequency()}), "ss_num_train_images": str(train_count),
              "ss_bucket_info": json.dumps({"buckets": counts}), "traintrain_data": str(s.lora_data_directory)}
+    extra.update(dataset_metadata(s, plan, batcher.steps_per_epoch))
+    if reg:
+        extra["traintrain_reg_data"] = str(s.reg_data_directory)
     sidecar = {"activation_text": s.lora_trigger_word, "preferred_weight": 1.0, "sd_version": bundle.family.name}
+    summary = {"images": train_count, "buckets": counts, "epochs": f"{s.train_iterations / batcher.steps_per_epoch:g}"}
     try:
-        result, written = run_pass(ctx, s, network, loss_step, epoch=lambda: batcher.epoch,
-                                   summary={"images": len(plan.samples), "buckets": counts}, extra=extra)
+        result, written = run_pass(ctx, s, network, loss_step, epoch=lambda: batcher.epoch, summary=summary,
+                                   extra=extra, steps_per_epoch=batcher.steps_per_epoch)
         return finish(ctx, s, network, result, written, extra=extra, sidecar=sidecar, effect_probe=probe)
     finally:
         network.detach()

@@ -9,17 +9,20 @@ from __future__ import annotations
 
 import json
 
-from trainer.data import BucketBatcher, plan_pairs, scan_images
+import torch
+
+from trainer.data import BucketBatcher
 from trainer.effect import measure_effect
 from trainer.modes.addift import addift_loss
+from trainer.modes.dataset import dataset_metadata, plan_pair_data
+from trainer.modes.lora import caption_augment
 from trainer.modes.setup import (
-    CaptionConds,
+    CaptionEncoder,
     ModeOutcome,
     RunContext,
     build_adapters,
     encode_dataset_images,
     finish,
-    plan_kwargs,
     run_pass,
 )
 
@@ -32,27 +35,31 @@ def planned_suffixes(s) -> list[str]:
 
 def run(ctx: RunContext) -> ModeOutcome:
     s, bundle = ctx.settings, ctx.bundle
-    scan = scan_images(s.lora_data_directory)
-    plan = plan_pairs(scan.images, diff_target_name=s.diff_target_name, **plan_kwargs(s))
+    plan = plan_pair_data(s)
     data = encode_dataset_images(ctx, plan, pairs=True)
     batcher = ctx.track("batcher", BucketBatcher(data, int(s.train_batch_size), ctx.seed, ctx.rank, ctx.world_size))
     bundle.offload("vae")
     captions = [c for b in data.buckets for c in (*b.orig_captions, *b.targ_captions)]
-    conds = CaptionConds(bundle, captions)  # per-pair captions really condition training (§17 #4)
-    bundle.offload("text_encoders")
+    # per-pair captions really condition training (§17 #4), through the caption controls
+    encode = CaptionEncoder(bundle, captions, caption_augment(ctx, s, captions), train_te=False)
+    if not encode.per_step:
+        bundle.offload("text_encoders")
     bundle.set_gradient_checkpointing(bool(s.use_gradient_checkpointing))
     network = build_adapters(ctx, s, resume=s.diff_load_1st_pass or s.network_resume, text_encoder=False)
 
     def draw(step: int):
         ref = next(batcher)
         batch = data.gather(ref.bucket_index, list(ref.indices))
-        return (batch.orig_latents, batch.targ_latents, conds.lookup(batch.orig_captions),
-                conds.lookup(batch.targ_captions), batch.masks)
+        return (batch.orig_latents, batch.targ_latents, encode(batch.orig_captions, step),
+                encode(batch.targ_captions, step), batch.masks)
 
     def probe() -> float:
         first = data.buckets[0]
-        return measure_effect(bundle, network, conds.lookup(first.targ_captions[:1]),
-                              latent_hw=tuple(first.orig_latents.shape[-2:]), autocast=ctx.precision.autocast())
+        with torch.no_grad():
+            cond = (encode.cached.lookup(first.targ_captions[:1]) if encode.cached is not None
+                    else bundle.encode_prompts(first.targ_captions[:1]))
+        return measure_effect(bundle, network, cond, latent_hw=tuple(first.orig_latents.shape[-2:]),
+                              autocast=ctx.precision.autocast())
 
     counts = {f"{w}x{h}": n for (w, h), n in data.counts().items()}
     tags: dict[str, int] = {}
@@ -61,11 +68,13 @@ def run(ctx: RunContext) -> ModeOutcome:
             tags[tag] = tags.get(tag, 0) + 1
     extra = {"traintrain_data": str(s.lora_data_directory), "traintrain_diff_target_name": s.diff_target_name,
              "traintrain_pairs": str(len(plan.pairs)), "ss_tag_frequency": json.dumps({"1": tags}),
-             "traintrain_timesteps": f"{s.train_min_timesteps},{s.train_max_timesteps}"}
+             "traintrain_timesteps": f"{s.train_min_timesteps},{s.train_max_timesteps}",
+             **dataset_metadata(s, plan, batcher.steps_per_epoch)}
     sidecar = {"activation_text": s.lora_trigger_word, "preferred_weight": 1.0, "sd_version": bundle.family.name}
     try:
         result, written = run_pass(ctx, s, network, addift_loss(ctx, s, network, draw), epoch=lambda: batcher.epoch,
-                                   summary={"pairs": len(plan.pairs), "buckets": counts}, extra=extra)
+                                   summary={"pairs": len(plan.pairs), "buckets": counts}, extra=extra,
+                                   steps_per_epoch=batcher.steps_per_epoch)
         return finish(ctx, s, network, result, written, extra=extra, sidecar=sidecar, effect_probe=probe)
     finally:
         network.detach()

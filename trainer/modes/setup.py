@@ -19,6 +19,7 @@ from trainer.csvlog import CsvSink, csv_path
 from trainer.errors import SettingsError
 from trainer.modes.common import (
     DenoiseLoss,
+    NoiseControls,
     NoiseSchedule,
     PassResult,
     Precision,
@@ -129,6 +130,11 @@ class RunContext:
     def loss_fn(self, s) -> DenoiseLoss:
         return DenoiseLoss(s.train_loss_function, float(s.train_snr_gamma), bool(self.bundle.v_pred), self.noise)
 
+    def draw_noise(self, like: torch.Tensor, generator: torch.Generator, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Training noise shaped like ``like`` with ``noise_offset`` / multires noise applied (off: one randn)."""
+        controls = NoiseControls.from_settings(self.settings)
+        return controls.draw(tuple(like.shape), generator, like.device, dtype)
+
 
 @dataclass
 class ModeOutcome:
@@ -221,9 +227,14 @@ def build_optimization(ctx: RunContext, s, network, total_steps: int):
 def make_metadata(ctx: RunContext, s, network, *, suffix: str, steps: int, extra: dict[str, Any]) -> dict[str, str]:
     """kohya ``ss_*``/``modelspec.*`` plus our ``traintrain_*`` keys, built fresh for every file (§17 #9)."""
     from trainer.network import build_metadata
+    from trainer.settings import FIELD_BY_KEY
 
     h, w = s.image_size
     kohya = {k: str(v) for k, v in extra.items() if k.startswith("ss_")}  # the mode's own ss_* figures win
+    if s.mode in FIELD_BY_KEY["noise_offset"].modes:  # the modes that noise real latents
+        kohya = {"ss_noise_offset": str(float(s.noise_offset)), "ss_multires_noise_iterations":
+                 str(int(s.multires_noise_iterations)), "ss_multires_noise_discount": str(float(s.multires_noise_discount)),
+                 **kohya}
     ours = {k: v for k, v in extra.items() if not k.startswith("ss_")}
     metadata = build_metadata(
         settings=s, network=network, bundle=ctx.bundle, output_name=ctx.out.name + suffix, steps=steps,
@@ -397,14 +408,33 @@ class CaptionConds:
         return self.conds.select(idx)
 
 
-def plan_kwargs(s) -> dict[str, Any]:
-    """The dataset settings ``plan_samples`` and ``plan_pairs`` share, read once from ``s``."""
-    return {
-        "size_hw": tuple(s.image_size), "bucket_step": int(s.image_buckets_step), "min_length": int(s.image_min_length),
-        "max_ratio": float(s.image_max_ratio), "sub_image_num": int(s.sub_image_num), "mirroring": bool(s.image_mirroring),
-        "disable_upscale": bool(s.image_disable_upscale), "num_multiply": int(s.image_num_multiply),
-        "trigger": s.lora_trigger_word, "use_filename_as_tag": bool(s.image_use_filename_as_tag),
-    }
+class CaptionEncoder:
+    """The conditioning of a dataset batch: captions through the caption controls, then encoded.
+
+    Chooses once how: every step through the text encoder when its adapters train or when shuffling /
+    tag dropout make captions take new forms; otherwise from :class:`CaptionConds` computed up front
+    (with the empty caption added when ``caption_dropout_rate`` can draw it).
+
+    Args:
+        bundle: the model.
+        captions: every caption of the dataset.
+        augment: the run's :class:`~trainer.data.CaptionAugment`.
+        train_te: text-encoder adapters train (encode with gradients every step).
+    """
+
+    def __init__(self, bundle, captions: list[str], augment, *, train_te: bool) -> None:
+        self.bundle, self.augment, self.train_te = bundle, augment, train_te
+        self.per_step = train_te or augment.varies
+        self.cached = None if self.per_step else CaptionConds(bundle, captions + ([""] if augment.active else []))
+
+    def __call__(self, captions: list[str], step: int):
+        captions = [self.augment(c, step, slot) for slot, c in enumerate(captions)]
+        if self.cached is not None:
+            return self.cached.lookup(captions)
+        if self.train_te:
+            return self.bundle.encode_prompts(captions)
+        with torch.no_grad():
+            return self.bundle.encode_prompts(captions)
 
 
 def encode_dataset_images(ctx: RunContext, plan, *, pairs: bool = False):

@@ -123,6 +123,10 @@ class TrainTab:
         family = form.family_of(self.job["model"].value or "", self.host)
         gr.Markdown("### Required parameters", elem_classes=["tt-caption"])
         self._columns(self.first, "required", 1, mode)
+        with gr.Row(elem_classes=["tt-steps"]):
+            # train_iterations vs train_epochs × images × repeats, counted from the folder before a run
+            self.ui["steps_count"] = gr.Button("🔢 Count steps", elem_id="tt_steps_count", scale=0, min_width=160)
+            self.ui["steps_info"] = gr.Markdown("", elem_id="tt_steps_info")
         blocks = self._blocks_field()
         choices = form.blocks_for(family, form.widget_value(self._field("network_type"), self._field("network_type").default))
         self.first[BLOCKS_KEY] = field_widget(blocks, value=list(choices), choices=choices)
@@ -273,6 +277,15 @@ class TrainTab:
         if start and not was_busy:
             return f"Started '{record.name}' ({record.mode}). Progress below; the result appears here."
         return f"Added '{record.name}' to the queue ({queued} waiting)."
+
+    def on_count_steps(self, *values: Any) -> str:
+        """The run's length before it starts: ``1200 steps = 10 epochs × 120 batches (…)``."""
+        from trainer.modes.dataset import describe_steps
+
+        try:
+            return describe_steps(self._settings(values, with_images=False))
+        except TrainTrainError as err:
+            return _error_text(err)
 
     def on_save_preset(self, *values: Any) -> tuple[Any, str]:
         from trainer.presets import save_preset
@@ -443,6 +456,7 @@ class TrainTab:
         ui["stop_save"].click(lambda c: self.on_stop(c, True), inputs=[ui["confirm"]], outputs=[ui["message"]],
                               **compat.js_kwargs(_confirm_js("Stop the running job and save what it learned?")))
         ui["preset_save"].click(self.on_save_preset, inputs=inputs, outputs=[ui["preset"], ui["message"]])
+        ui["steps_count"].click(self.on_count_steps, inputs=inputs, outputs=[ui["steps_info"]])
         ui["preset_refresh"].click(lambda: compat.update(choices=self._presets()), outputs=[ui["preset"]])
         ui["preset_load"].click(self.on_load_preset, inputs=[ui["preset"], self.job["model"]],
                                 outputs=self._load_outputs())
