@@ -406,7 +406,7 @@ def test_reg_batches_mix_one_reg_sample_per_training_sample_each_epoch(tmp_path)
     counts = planned_counts(plan)
     batcher = BucketBatcher(counts, 2, seed=0)
     samples = counts.buckets[0].samples
-    for epoch in range(3):
+    for _epoch in range(3):
         seen = [samples[i] for _ in range(batcher.batches_per_epoch) for i in next(batcher).indices]
         train = [x.path.name for x in seen if not x.is_reg]
         regs = [x for x in seen if x.is_reg]
