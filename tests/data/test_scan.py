@@ -39,3 +39,20 @@ def test_no_images_names_the_key(tmp_path):
     (tmp_path / "readme.txt").write_text("hi")
     with pytest.raises(InputError, match="lora_data_directory: no images found"):
         scan_images(tmp_path)
+
+
+def test_kohya_repeat_folders_and_mask_files(tmp_path):
+    write_image(tmp_path / "5_sks dog" / "a.png", (8, 8))
+    write_image(tmp_path / "5_sks dog" / "a_mask.png", (8, 8))
+    write_image(tmp_path / "0_x" / "b.png", (8, 8))
+    write_image(tmp_path / "plain" / "c.png", (8, 8))
+    write_image(tmp_path / "plain" / "lonely_mask.png", (8, 8))  # no partner image: an image like any other
+    with_masks = scan_images(tmp_path, masks=True)
+    names = [p.relative_to(tmp_path).as_posix() for p in with_masks.images]
+    assert names == ["0_x/b.png", "5_sks dog/a.png", "plain/c.png", "plain/lonely_mask.png"]
+    assert {k.name: v.name for k, v in with_masks.masks.items()} == {"a.png": "a_mask.png"}
+    repeats = {p.name: with_masks.repeats(p) for p in with_masks.images}
+    assert repeats == {"b.png": 1, "a.png": 5, "c.png": 1, "lonely_mask.png": 1}  # 0_x counts once, never skips
+    assert with_masks.folder_class(tmp_path / "5_sks dog" / "a.png") == "sks dog"
+    # masked_loss off: mask files are images, as before masked loss existed
+    assert len(scan_images(tmp_path).images) == 5 and not scan_images(tmp_path).masks

@@ -154,3 +154,21 @@ def test_mode_switch_updates_every_dependent_widget(built):
     assert out[id(tab.ui["images"])]["visible"] is False and out[id(tab.ui["pass2"])]["visible"] is False
     assert out[id(tab.first["lora_data_directory"])]["visible"] is False
     assert out[id(tab.first["network_rank"])]["visible"] is True
+
+
+def test_count_steps_shows_epochs_repeats_and_batches_before_a_run(built, tmp_path):
+    from PIL import Image
+
+    tab, _, _ = built
+    folder = tmp_path / "data" / "3_cat"
+    folder.mkdir(parents=True)
+    for i in range(4):
+        Image.new("RGB", (64, 64), (40 * i, 90, 90)).save(folder / f"c{i}.png")
+    layers = {"lora_data_directory": str(tmp_path / "data"), "image_size(height, width)": "64",
+              "image_buckets_step": 32, "image_min_length": 32, "train_batch_size": 2}
+    by_epochs = tab.on_count_steps(*_values(tab, Settings.from_layers(layers, {"train_epochs": 10})))
+    assert by_epochs == "60 steps = 10 epochs × 6 batches (4 images × 3 repeats / batch 2)"
+    by_steps = tab.on_count_steps(*_values(tab, Settings.from_layers(layers, {"train_iterations": 15})))
+    assert by_steps == "15 steps = 2.50 epochs × 6 batches (4 images × 3 repeats / batch 2)"
+    missing = tab.on_count_steps(*_values(tab, Settings.from_layers({"lora_data_directory": str(tmp_path / "no")})))
+    assert missing.startswith("cannot count steps:") and "does not exist" in missing

@@ -81,3 +81,29 @@ def test_an_error_inside_the_run_leaves_the_model_restored(webui, tmp_path, monk
     assert fingerprint(webui.sd_model) == before
     with torch.no_grad():
         assert not any("forward" in m.__dict__ for m in webui.sd_model.modules())
+
+
+@pytest.mark.parametrize("mode", ["LoRA", "Multi-ADDifT"])
+def test_practitioners_controls_train_in_place_and_restore(webui, mode, tmp_path):
+    """Reg images, kohya repeats, epochs, caption controls, masked loss and noise controls in the Web-UI."""
+    data = tmp_path / "data" / "2_thing"
+    data.mkdir(parents=True)
+    for i in range(2):
+        Image.new("RGBA", (64, 64), (200, 50 * i, 40, 255 if i else 0)).save(data / f"a{i}.png")
+        Image.new("RGB", (64, 64), (40, 50 * i, 200)).save(data / f"a{i}_t.png")
+        (data / f"a{i}.txt").write_text("thing, red, square, big", encoding="utf-8")
+    reg = tmp_path / "reg"
+    reg.mkdir()
+    Image.new("RGB", (64, 64), (90, 90, 90)).save(reg / "r.png")
+    before = fingerprint(webui.sd_model)
+    values = {"mode": mode, "save_lora_name": f"practice_{mode}", "lora_data_directory": str(tmp_path / "data"),
+              "diff_target_name": "_t", "train_epochs": 2, "shuffle_caption": True, "keep_tokens": 1,
+              "caption_dropout_rate": 0.2, "noise_offset": 0.05, "multires_noise_iterations": 2}
+    if mode == "LoRA":
+        values.update(reg_data_directory=str(reg), masked_loss=True)
+    result = run_job(Settings.from_layers(BASE, values), WebUIHost(), events=Events())
+    # LoRA: (2 images + 2 targets named like images) x 2 repeats + as many reg samples = 16 per epoch
+    assert result["status"] == "done" and result["steps"] == (32 if mode == "LoRA" else 4)
+    _, meta = load_lora(result["lora_path"])
+    assert meta["ss_num_epochs"] == "2" and meta["ss_noise_offset"] == "0.05"
+    assert fingerprint(webui.sd_model) == before
