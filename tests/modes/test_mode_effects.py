@@ -192,16 +192,16 @@ def test_multi_addift_learns_the_pairs_direction(trainer, tmp_path):
 
 
 def test_multi_addift_conditions_each_pair_on_its_own_captions(trainer, tmp_path, monkeypatch):
-    import trainer.modes.multi_addift as multi
+    import trainer.modes.setup as setup
 
     seen = []
-    original = multi.CaptionConds
+    original = setup.CaptionConds
 
     def spy(bundle, captions):
         seen.extend(captions)
         return original(bundle, captions)
 
-    monkeypatch.setattr(multi, "CaptionConds", spy)
+    monkeypatch.setattr(setup, "CaptionConds", spy)
     folder = _pairs(tmp_path / "captioned", captions=True)
     result = trainer.run(mode="Multi-ADDifT", model="tiny-sd1", save_lora_name="captioned", train_iterations=3,
                          train_batch_size=1, lora_data_directory=str(folder), diff_target_name="_after",
