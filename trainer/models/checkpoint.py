@@ -187,6 +187,7 @@ def save_diffusers_folder(components: Components, folder: str | os.PathLike[str]
         te.save_pretrained(root / slot)
     for slot, tokenizer in zip(TOKENIZER_SLOTS, resolve_tokenizers(components, str(root)), strict=False):
         tokenizer.save_pretrained(str(root / slot))
+        _write_bpe_files(root / slot)
     sched = {"_class_name": "DDPMScheduler", **components.scheduler}
     (root / "scheduler").mkdir(parents=True, exist_ok=True)
     (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched, indent=2), encoding="utf-8")
@@ -200,6 +201,18 @@ def save_diffusers_folder(components: Components, folder: str | os.PathLike[str]
         index[slot] = ["transformers", "CLIPTokenizer"]
     (root / "model_index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
     return root
+
+
+def _write_bpe_files(folder: Path) -> None:
+    """``vocab.json`` + ``merges.txt`` beside ``tokenizer.json``: transformers 5 writes only the latter, and
+    the slow ``CLIPTokenizer`` of transformers 4.x (A1111/Forge environments) reads only the former."""
+    source = folder / "tokenizer.json"
+    if (folder / "vocab.json").is_file() or not source.is_file():
+        return
+    model = json.loads(source.read_text(encoding="utf-8")).get("model", {})
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    (folder / "vocab.json").write_text(json.dumps(model.get("vocab", {}), ensure_ascii=False), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
 
 
 def load_single_file(path: str, *, use_ema: bool = False, dtype: torch.dtype | None = None) -> Components:
