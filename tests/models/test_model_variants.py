@@ -111,7 +111,7 @@ def test_ema_weights_only_with_use_ema(tmp_path) -> None:
     assert any("carries EMA weights" in n for n in regular.notes)
     assert any("training the EMA U-Net" in n for n in chosen.notes)
     # the text encoders and VAE are the same either way
-    assert all(torch.equal(a, b) for a, b in zip(regular.vae.state_dict().values(), chosen.vae.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(regular.vae.state_dict().values(), chosen.vae.state_dict().values(), strict=True))
 
 
 def test_use_ema_on_a_pruned_file_is_a_note(tmp_path) -> None:
@@ -142,7 +142,7 @@ def test_old_clip_prefix_and_separate_vae(tmp_path) -> None:
     builtin = load_bundle("tiny-sd1", device="cpu")
     te, ref = bundle.text_encoders["lora_te"].state_dict(), builtin.text_encoders["lora_te"].state_dict()
     assert te.keys() == ref.keys() and all(torch.equal(te[k], ref[k]) for k in ref)
-    assert all(torch.equal(a, b) for a, b in zip(bundle.vae.state_dict().values(), builtin.vae.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(bundle.vae.state_dict().values(), builtin.vae.state_dict().values(), strict=True))
 
 
 # -- v-prediction and zero-terminal SNR -------------------------------------------------------------
