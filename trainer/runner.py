@@ -75,7 +75,8 @@ def run_job(
         snapshot = write_snapshot(settings, json_root)
     model = settings.model or host.default_model()
     with host.acquire(model, settings.vae, precision=settings.train_model_precision,
-                      v_pred=True if settings.model_v_pred else None) as bundle:
+                      v_pred=True if settings.model_v_pred else None,
+                      use_ema=bool(getattr(settings, "model_use_ema", False))) as bundle:
         ctx = RunContext.create(settings, bundle, events, stop, out, seed, rank=rank, world_size=world_size,
                                 grad_sync=grad_sync)
         for note in getattr(bundle, "notes", ()):  # what the host could not do (e.g. TE training on OpenCLIP)

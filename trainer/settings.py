@@ -370,8 +370,9 @@ FIELDS: tuple[Field, ...] = (
          "Sampler of the previews (standalone: our own loop; Web-UI: its sampler of that name).",
          choices=SAMPLE_SAMPLERS, **_DD),
     _opt(3, "model_use_ema", bool, False,
-         "Single-file checkpoints that carry EMA weights (model_ema.*): train on the EMA copy of the U-Net. "
-         "Off = the regular weights (what the Web-UI uses).", **_CH),
+         "Checkpoints that carry EMA weights (model_ema.* in a single file, unet_ema/ in a diffusers folder): "
+         "train on the EMA copy of the U-Net. Off = the regular weights (what the Web-UI uses). "
+         "Standalone/CLI only; a note says when there is no EMA copy.", **_CH),
     # -- job keys
     _f("mode", str, "LoRA", "Training mode.", choices=MODES, section="job", label="Mode", **_DD),
     _f("model", str, "", "Base checkpoint to train on.", section="job", label="Model", **_DD),

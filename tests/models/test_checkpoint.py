@@ -124,7 +124,7 @@ def test_family_from_text_encoder_keys() -> None:
 
 def test_refiner_is_refused() -> None:
     key = "model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight"
-    with pytest.raises(InputError, match="SDXL refiner is not supported"):
+    with pytest.raises(InputError, match="SDXL refiner.*not supported"):
         detect_family("r", {key: torch.empty(768, 1280, device="meta")})
 
 
@@ -154,7 +154,7 @@ def test_non_checkpoints_are_input_errors(kind, tmp_path) -> None:
         path.write_text("hello, I am not a model\n")
     elif kind == "random":
         path.write_bytes(torch.randint(0, 256, (4096,), dtype=torch.uint8).numpy().tobytes())
-    message = "not found" if kind == "missing" else "is not a Stable Diffusion checkpoint"
+    message = {"missing": "not found", "lora": "is a LoRA, not a model"}.get(kind, "is not a Stable Diffusion checkpoint")
     with pytest.raises(InputError, match=message):
         load_bundle(str(path), device="cpu")
 

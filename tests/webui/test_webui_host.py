@@ -213,3 +213,29 @@ def test_forge_unet_trains_through_inference_mode_conditioning(webui, models):
         bundle.predict(z, torch.tensor([1, 2]), cond).square().mean().backward()
         assert extra.grad.abs().sum() > 0
     assert fingerprint(ldm) == before
+
+
+@pytest.mark.parametrize("source", ["option", "model_flag", "none"])
+def test_zero_terminal_snr_follows_the_webui(webui, source):
+    """A1111 1.10 rescales ᾱ only from its noise-schedule option; later A1111/Forge set sd_model.ztsnr
+    from a checkpoint's ztsnr key. Either way training uses the rescaled schedule, from the original ᾱ."""
+    from trainer.models.components import rescale_zero_terminal_snr
+
+    original = webui.sd_model.alphas_cumprod_original.clone()
+    if source == "option":
+        webui.opts.sd_noise_schedule = "Zero Terminal SNR"
+    elif source == "model_flag":
+        webui.sd_model.ztsnr = True
+    with WebUIHost().acquire("", "", precision="fp32", v_pred=None) as bundle:
+        if source == "none":
+            assert not bundle.zero_snr and torch.equal(bundle.alphas_cumprod, original.float())
+        else:
+            assert bundle.zero_snr and bundle.alphas_cumprod[-1] == 0
+            torch.testing.assert_close(bundle.alphas_cumprod, rescale_zero_terminal_snr(original.float()))
+            assert any("zero-terminal SNR" in n for n in bundle.notes)
+    assert torch.equal(webui.sd_model.alphas_cumprod_original, original)  # the host's table is untouched
+
+
+def test_use_ema_is_a_note_in_the_webui(webui):
+    with WebUIHost().acquire("", "", precision="fp32", v_pred=None, use_ema=True) as bundle:
+        assert any("model_use_ema" in n and "standalone" in n for n in bundle.notes)

@@ -35,8 +35,9 @@ class Host(Protocol):
         """Folder the LoRA files are written to (created if missing)."""
         ...
 
-    def acquire(self, model: str, vae: str, *, precision: str, v_pred: bool | None) -> AbstractContextManager[ModelBundle]:
-        """Load or borrow the model for training.
+    def acquire(self, model: str, vae: str, *, precision: str, v_pred: bool | None,
+                use_ema: bool = False) -> AbstractContextManager[ModelBundle]:
+        """Load or borrow the model for training (``use_ema``: the EMA U-Net a checkpoint carries).
 
         The context manager restores the host (model, devices, dtypes, hooks, flags, locks) on exit,
         after success, stop or error alike.

@@ -30,6 +30,33 @@ def pick_device(preference: str | None = None) -> torch.device:
     return torch.device("cpu")
 
 
+# Folders of other kinds that sit inside a models root: never scanned for checkpoints.
+_OTHER_KINDS = {"lora", "lycoris", "vae", "embeddings", "hypernetworks", "controlnet", "esrgan", "upscale_models"}
+
+
+def _scan(root: Path) -> tuple[list[Path], list[Path]]:
+    """(models, VAEs) under ``root``: single files and diffusers folders (``model_index.json``; their
+    parts are not listed again) are models; ``*.vae.*`` files and diffusers VAE folders are VAEs."""
+    models: list[Path] = []
+    vaes: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        here = Path(dirpath)
+        if here != root and (here / "model_index.json").is_file():
+            models.append(here)
+            dirnames.clear()
+            continue
+        if here != root and (here / "config.json").is_file() and any(f.startswith("diffusion_pytorch_model") for f in filenames):
+            vaes.append(here)  # a bare diffusers part: usable as a VAE folder
+            dirnames.clear()
+            continue
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d.lower() not in _OTHER_KINDS)
+        for name in sorted(filenames):
+            if name.startswith(".") or Path(name).suffix.lower() not in CHECKPOINT_EXTS:
+                continue
+            (vaes if ".vae." in name.lower() else models).append(here / name)
+    return models, vaes
+
+
 def _first_dir(root: Path, names: tuple[str, ...]) -> Path | None:
     for name in names:
         if (root / name).is_dir():
@@ -67,21 +94,22 @@ class StandaloneHost:
         return _first_dir(self.models_dir, ("Stable-diffusion", "StableDiffusion", "Stable-Diffusion")) or self.models_dir
 
     def list_models(self) -> list[str]:
-        found: list[str] = []
+        """Single-file checkpoints and diffusers folders under the models folder, then the built-ins."""
         folder = self._ckpt_dir()
-        if folder and folder.is_dir():
-            for path in sorted(folder.rglob("*")):
-                if path.is_file() and path.suffix.lower() in CHECKPOINT_EXTS and "vae" not in path.parent.name.lower():
-                    found.append(str(path.relative_to(folder)))
-                elif path.is_dir() and (path / "model_index.json").is_file():
-                    found.append(str(path.relative_to(folder)))
-        return found + list(BUILTIN_MODELS)
+        found = _scan(folder)[0] if folder and folder.is_dir() else []
+        return [str(p.relative_to(folder)) for p in found] + list(BUILTIN_MODELS)  # type: ignore[arg-type]
 
     def list_vaes(self) -> list[str]:
+        """``""`` (the checkpoint's own), VAE files and diffusers VAE folders in ``VAE/``, then
+        ``*.vae.*`` files beside the checkpoints (A1111's convention)."""
         vaes = [""]
         folder = _first_dir(self.models_dir, ("VAE", "vae")) if self.models_dir else None
         if folder:
-            vaes += [str(p.relative_to(folder)) for p in sorted(folder.rglob("*")) if p.suffix.lower() in CHECKPOINT_EXTS]
+            models, beside = _scan(folder)
+            vaes += [str(p.relative_to(folder)) for p in sorted(models + beside)]
+        ckpts = self._ckpt_dir()
+        if ckpts and ckpts.is_dir() and ckpts != folder:
+            vaes += [str(p.relative_to(ckpts)) for p in _scan(ckpts)[1]]
         return vaes
 
     def default_model(self) -> str:
@@ -101,29 +129,37 @@ class StandaloneHost:
             return name
         if Path(name).exists():
             return str(Path(name))
-        folder = self._ckpt_dir() if kind == "model" else (_first_dir(self.models_dir, ("VAE", "vae")) if self.models_dir else None)
-        if folder and (folder / name).exists():
-            return str(folder / name)
+        folders = [self._ckpt_dir()]
+        if kind != "model":  # VAEs live in VAE/, or beside the checkpoints as *.vae.*
+            folders.insert(0, _first_dir(self.models_dir, ("VAE", "vae")) if self.models_dir else None)
+        for folder in folders:
+            if folder and (folder / name).exists():
+                return str(folder / name)
         raise InputError(name, f"no {kind} of that name; choose one from the list or give a full path")
 
     # -- training -------------------------------------------------------------------------------
 
     @contextmanager
-    def acquire(self, model: str, vae: str, *, precision: str, v_pred: bool | None) -> Iterator[Any]:
-        """Load the model (reusing the previous job's when it is the same) for one job."""
+    def acquire(self, model: str, vae: str, *, precision: str, v_pred: bool | None,
+                use_ema: bool = False) -> Iterator[Any]:
+        """Load the model (reusing the previous job's when it is the same) for one job.
+
+        A failed load leaves nothing cached: the previous model is dropped before loading, and the
+        error carries no frames that hold the half-loaded one.
+        """
         from trainer.models.diffusers_runtime import load_bundle
         from trainer.modes.common import resolve_precision
 
         model_path = self.resolve(model or self.default_model())
         vae_path = self.resolve(vae, "vae") if vae and vae != "None" else None
         dtype = resolve_precision(precision, "fp32", self.device).model_dtype
-        key = (model_path, vae_path, dtype, v_pred, precision == "int8")
+        key = (model_path, vae_path, dtype, v_pred, precision == "int8", use_ema)
         if self._cached is None or self._cached[0] != key:
             self._cached = None
             gc.collect()
             # int8 is a storage dtype load_bundle understands (torchao weight-only), not a float precision
             bundle = load_bundle(model_path, vae_path, device=self.device,
-                                 dtype=torch.int8 if precision == "int8" else dtype, v_pred=v_pred)
+                                 dtype=torch.int8 if precision == "int8" else dtype, v_pred=v_pred, use_ema=use_ema)
             self._cached = (key, bundle)
         self._last_model = model or self._last_model
         bundle = self._cached[1]

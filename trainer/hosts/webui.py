@@ -203,7 +203,8 @@ class WebUIHost:
     # -- acquire ---------------------------------------------------------------------------------
 
     @contextmanager
-    def acquire(self, model: str, vae: str, *, precision: str, v_pred: bool | None) -> Iterator[WebUIBundle]:
+    def acquire(self, model: str, vae: str, *, precision: str, v_pred: bool | None,
+                use_ema: bool = False) -> Iterator[WebUIBundle]:
         """Borrow the Web-UI's model for training, holding ``queue_lock`` for the whole span.
 
         Raises:
@@ -217,6 +218,9 @@ class WebUIHost:
         self.notes = []
         if medvram:
             self.notes.append("--medvram: latents and prompts are cached first, then the U-Net trains alone")
+        if use_ema:  # its model configs say use_ema: False: model_ema.* is never loaded into the Web-UI
+            self.notes.append("model_use_ema: the Web-UI loads a checkpoint's regular weights, so they are trained; "
+                              "train EMA weights in the standalone app or CLI")
         from modules.call_queue import queue_lock
 
         with queue_lock:
@@ -241,7 +245,9 @@ class WebUIHost:
             p.requires_grad_(False)
         bundle = None
         try:
-            bundle = WebUIBundle(sd_model, device=_device(root), v_pred=v_pred, medvram=medvram)
+            zero_snr_option = getattr(shared.opts, "sd_noise_schedule", "Default") == "Zero Terminal SNR"
+            bundle = WebUIBundle(sd_model, device=_device(root), v_pred=v_pred, medvram=medvram,
+                                 zero_snr_option=zero_snr_option)
             bundle.notes[:0] = self.notes
             if precision and _DTYPES.get(precision) not in (None, bundle.dtype):
                 bundle.notes.append(f"precision {precision} ignored: the Web-UI's model stays in {str(bundle.dtype).replace('torch.', '')} (trained in place)")

@@ -8,6 +8,7 @@ can travel in safetensors metadata and rebuild non-standard (tiny) architectures
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,10 +32,13 @@ class Components:
         vae: ``AutoencoderKL``; None when a single file has none (``vae_config`` then says what fits).
         text_encoders: ``[CLIPTextModel]`` (SD1/SD2) or ``[CLIPTextModel, CLIPTextModelWithProjection]`` (SDXL).
         v_pred: True when the U-Net predicts v.
-        scheduler: the training-noise schedule config (``beta_start``, ``beta_end``, ``beta_schedule``,
-            ``num_train_timesteps``, ``prediction_type``).
+        scheduler: the noise-schedule config (``SCHEDULE_KEYS``: betas, ``prediction_type``, plus
+            ``timestep_spacing``/``steps_offset`` for samplers and ``rescale_betas_zero_snr``).
         name: model name for metadata.
         vae_config: the VAE architecture when ``vae`` is None.
+        tokenizers: one per text encoder when the model brought its own (a diffusers folder); None = the
+            built-in CLIP tokenizer that fits the encoders' vocabulary.
+        notes: what the loader decided that the user should know (EMA choice, detected v/zero-SNR).
     """
 
     family: Family
@@ -45,6 +49,13 @@ class Components:
     scheduler: dict[str, Any] = field(default_factory=dict)
     name: str = "model"
     vae_config: dict[str, Any] | None = None
+    tokenizers: list[Any] | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def zero_snr(self) -> bool:
+        """True for zero-terminal-SNR models (rescaled betas: ᾱ at the last step is exactly 0)."""
+        return bool(self.scheduler.get("rescale_betas_zero_snr", False))
 
     def configs(self) -> dict[str, dict[str, Any]]:
         """Architecture configs by diffusers folder name (``unet``, ``vae``, ``text_encoder``, ...)."""
@@ -147,14 +158,54 @@ def load_strict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
             module.position_ids = torch.arange(buf.shape[-1]).expand((1, -1))
 
 
+# Scheduler-config keys that define the training noise (and, for samplers, the step spacing).
+SCHEDULE_KEYS = ("beta_start", "beta_end", "beta_schedule", "num_train_timesteps", "prediction_type", "trained_betas",
+                 "rescale_betas_zero_snr", "timestep_spacing", "steps_offset")
+
+
 def default_scheduler(prediction_type: str = "epsilon") -> dict[str, Any]:
-    """The SD1/SD2/SDXL training schedule: scaled_linear betas 0.00085 -> 0.012 over 1000 steps."""
+    """The SD1/SD2/SDXL training schedule: scaled_linear betas 0.00085 -> 0.012 over 1000 steps
+    (samplers space steps "leading" with offset 1, as the shipped SD1.5/SDXL scheduler configs do)."""
     return {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
-            "num_train_timesteps": 1000, "prediction_type": prediction_type}
+            "num_train_timesteps": 1000, "prediction_type": prediction_type, "timestep_spacing": "leading",
+            "steps_offset": 1, "rescale_betas_zero_snr": False}
+
+
+def schedule_from_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The defaults overlaid with the ``SCHEDULE_KEYS`` of a (diffusers) scheduler config."""
+    return {**default_scheduler(), **{k: config[k] for k in SCHEDULE_KEYS if config.get(k) is not None}}
+
+
+def _cosine_betas(n: int) -> torch.Tensor:
+    """The "squaredcos_cap_v2" schedule (Nichol & Dhariwal 2021): ᾱ(t) = cos²((t + 0.008)/1.008 · π/2)."""
+    def alpha_bar(t: float) -> float:
+        return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+
+    return torch.tensor([min(1 - alpha_bar((i + 1) / n) / alpha_bar(i / n), 0.999) for i in range(n)],
+                        dtype=torch.float32)
+
+
+def rescale_zero_terminal_snr(alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """ᾱ rescaled to zero terminal SNR (Lin et al. 2023, "Common Diffusion Noise Schedules and Sample
+    Steps are Flawed", Algorithm 1): √ᾱ is shifted so the last step is 0 and scaled so the first is kept.
+
+    Args:
+        alphas_cumprod: (T,) decreasing ᾱ.
+
+    Returns:
+        float32 ᾱ with ᾱ[-1] == 0 exactly.
+    """
+    root = alphas_cumprod.double().sqrt()
+    first, last = root[0].clone(), root[-1].clone()
+    root = (root - last) * first / (first - last)
+    return (root**2).float()
 
 
 def compute_alphas_cumprod(scheduler: dict[str, Any]) -> torch.Tensor:
-    """``alphas_cumprod`` (float32, CPU) of a scaled_linear or linear schedule, as diffusers computes it.
+    """``alphas_cumprod`` (float32, CPU) as diffusers' DDPMScheduler computes it for this config.
+
+    Supports ``scaled_linear``, ``linear``, ``squaredcos_cap_v2`` and ``trained_betas``, and
+    ``rescale_betas_zero_snr`` (then ᾱ[-1] == 0: the last step is pure noise).
 
     Raises:
         ValueError: another beta schedule.
@@ -162,10 +213,17 @@ def compute_alphas_cumprod(scheduler: dict[str, Any]) -> torch.Tensor:
     n = int(scheduler.get("num_train_timesteps", 1000))
     start, end = float(scheduler.get("beta_start", 0.00085)), float(scheduler.get("beta_end", 0.012))
     kind = scheduler.get("beta_schedule", "scaled_linear")
-    if kind == "scaled_linear":
+    if scheduler.get("trained_betas") is not None:
+        betas = torch.tensor(scheduler["trained_betas"], dtype=torch.float32)
+    elif kind == "scaled_linear":
         betas = torch.linspace(start**0.5, end**0.5, n, dtype=torch.float32) ** 2
     elif kind == "linear":
         betas = torch.linspace(start, end, n, dtype=torch.float32)
+    elif kind == "squaredcos_cap_v2":
+        betas = _cosine_betas(n)
     else:
-        raise ValueError(f"beta_schedule '{kind}' is not supported (scaled_linear or linear)")
-    return torch.cumprod(1.0 - betas, dim=0)
+        raise ValueError(f"beta_schedule '{kind}' is not supported (scaled_linear, linear or squaredcos_cap_v2)")
+    alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+    if scheduler.get("rescale_betas_zero_snr"):
+        alphas_cumprod = rescale_zero_terminal_snr(alphas_cumprod)
+    return alphas_cumprod

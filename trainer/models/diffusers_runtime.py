@@ -17,11 +17,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from trainer.errors import InputError, MissingPackage
+from trainer.errors import InputError, MissingPackage, TrainTrainError
 from trainer.models.bundle import Cond, Family, UNetShape
+from trainer.models.checkpoint import resolve_tokenizers
 from trainer.models.components import Components, compute_alphas_cumprod
 from trainer.models.ldm import unet_shape
-from trainer.models.tokenizer import PAD_CLIP, PAD_OPEN_CLIP, tokenizer_for
 
 CHUNK_TOKENS = 75
 
@@ -62,11 +62,13 @@ class DiffusersBundle:
         self.unet_shape: UNetShape = unet_shape(dict(self.unet.config))
         self.vae_scale_factor: int = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.alphas_cumprod = compute_alphas_cumprod(components.scheduler).to(device)
+        self.zero_snr: bool = components.zero_snr
+        self.notes: list[str] = list(components.notes)
         tes = components.text_encoders
         keys = ("lora_te",) if len(tes) == 1 else ("lora_te1", "lora_te2")
         self.text_encoders: dict[str, nn.Module] = dict(zip(keys, tes, strict=True))
-        open_pads = {Family.SD1: (PAD_CLIP,), Family.SD2: (PAD_OPEN_CLIP,), Family.SDXL: (PAD_CLIP, PAD_OPEN_CLIP)}
-        self.tokenizers = [tokenizer_for(te.config.vocab_size, pad) for te, pad in zip(tes, open_pads[self.family], strict=True)]
+        # the model's own tokenizers (a diffusers folder), else the built-in CLIP one that fits
+        self.tokenizers = resolve_tokenizers(components, components.name)
         # SDXL's VAE overflows in fp16 (config force_upcast): keep it in float32 then
         upcast = self.dtype == torch.float16 and bool(getattr(self.vae.config, "force_upcast", False))
         self.vae_dtype = torch.float32 if upcast else self.dtype
@@ -220,45 +222,64 @@ def _quantise_int8(unet: nn.Module) -> None:
 
 
 def load_bundle(model: str, vae: str | None = None, *, device: torch.device | str | None = None,
-                dtype: torch.dtype = torch.float32, v_pred: bool | None = None) -> DiffusersBundle:
+                dtype: torch.dtype = torch.float32, v_pred: bool | None = None,
+                use_ema: bool = False) -> DiffusersBundle:
     """Load a model for training, fully offline.
 
     Args:
         model: a built-in name (``tiny-sd1``, ``tiny-sd2v``, ``tiny-sdxl``, ``small-sd1``, ``sd15-random``,
-            ``sdxl-random``), a single-file checkpoint (``.safetensors``; ``.ckpt``/``.pt`` only if they
-            load with ``weights_only=True``) or a diffusers folder.
+            ``sdxl-random``), a single-file checkpoint (``.safetensors`` in fp32/fp16/bf16, pruned or with
+            EMA; ``.ckpt``/``.pt`` only if they load with ``weights_only=True``) or a diffusers folder
+            (its own tokenizers and scheduler config are used).
         vae: optional VAE file or folder that replaces the model's VAE (strictly).
         device: where to train; None picks cuda -> mps -> cpu.
         dtype: frozen-weight dtype (float32, float16, bfloat16, or int8 for torchao weight-only int8).
-        v_pred: force v-prediction on or off; None uses what the model says (marker key, scheduler
-            config, or the SD2 probe).
+        v_pred: force v-prediction on or off; None uses what the model says (a ``.yaml`` beside the
+            file, marker keys, metadata, the scheduler config, or the SD2 probe).
+        use_ema: train on the EMA U-Net a full checkpoint (``model_ema.*``) or folder (``unet_ema/``)
+            carries; a note says when there is none.
 
     Returns:
-        A ``DiffusersBundle``.
+        A ``DiffusersBundle``; ``notes`` says what was detected or chosen.
 
     Raises:
-        InputError: missing path, not a checkpoint, unsupported model, unfitting VAE.
+        InputError: missing path, not a checkpoint, unsupported family (named), unfitting VAE or tokenizer.
         MissingPackage: int8 without torchao.
     """
+    try:
+        return _load(model, vae, device=device, dtype=dtype, v_pred=v_pred, use_ema=use_ema)
+    except TrainTrainError as err:
+        # The traceback's frames hold the half-loaded parts: drop them so nothing stays in memory while
+        # the caller keeps the error (a UI shows it, a queue records it).
+        err.__cause__ = err.__context__ = None
+        raise err.with_traceback(None) from None
+
+
+def _load(model: str, vae: str | None, *, device: torch.device | str | None, dtype: torch.dtype,
+          v_pred: bool | None, use_ema: bool) -> DiffusersBundle:
     from trainer.models.checkpoint import load_diffusers_folder, load_single_file, load_vae
     from trainer.models.tiny import BUILTIN_NAMES, build_builtin
 
     target = pick_device(device)
     if dtype == torch.int8:
         _quantise_int8_available()
+    load_dtype = torch.bfloat16 if dtype == torch.int8 else dtype
     if model in BUILTIN_NAMES:
-        parts = build_builtin(model, device=target, dtype=torch.bfloat16 if dtype == torch.int8 else dtype)
+        parts = build_builtin(model, device=target, dtype=load_dtype)
     elif os.path.isdir(model):
-        parts = load_diffusers_folder(model)
+        parts = load_diffusers_folder(model, use_ema=use_ema, dtype=load_dtype)
     elif os.path.isfile(model):
-        parts = load_single_file(model)
+        parts = load_single_file(model, use_ema=use_ema, dtype=load_dtype)
     else:
         raise InputError(model, f"not found; give a built-in name ({', '.join(BUILTIN_NAMES)}), "
                                 "a .safetensors checkpoint or a diffusers folder")
     if vae:
         parts.vae = load_vae(vae, parts.configs()["vae"], parts.family)
     if parts.vae is None:
-        raise InputError(model, "has no VAE weights; choose a VAE file in the vae field")
+        raise InputError(model, "has no VAE weights (a checkpoint without a baked VAE); choose a VAE file in the vae field")
+    if v_pred is not None and v_pred != parts.v_pred:
+        parts.notes.append(f"model_v_pred: training as {'v' if v_pred else 'epsilon'}-prediction "
+                           f"(the model says {'v' if parts.v_pred else 'epsilon'})")
     if v_pred is not None:
         parts.v_pred = v_pred
         parts.scheduler = {**parts.scheduler, "prediction_type": "v_prediction" if v_pred else "epsilon"}

@@ -40,6 +40,7 @@ from torch import nn
 from trainer.errors import SettingsError, TrainTrainError
 from trainer.models import openclip
 from trainer.models.bundle import Cond, Family, UNetShape
+from trainer.models.components import rescale_zero_terminal_snr
 
 TE_NOTE_FORGE = "text-encoder training is not supported on Forge (its conditioning runs in inference mode); the U-Net is trained"
 TE_NOTE_MEDVRAM = "text-encoder training is off under --medvram (the text encoder is swapped out while the U-Net runs)"
@@ -178,12 +179,16 @@ class WebUIBundle:
         device: where training runs (``modules.devices.device``).
         v_pred: the user's choice; None reads the model's parameterization.
         medvram: the Web-UI runs with ``--medvram`` (text encoder is not trained).
+        zero_snr_option: the Web-UI's "Noise schedule for sampling" is "Zero Terminal SNR". A1111 1.10
+            rescales ᾱ only from that option; later A1111 and Forge also set ``sd_model.ztsnr`` from a
+            ``ztsnr`` key in the checkpoint. Either makes training use the rescaled schedule too.
     """
 
     layout = "ldm"
     vae_scale_factor = 8
 
-    def __init__(self, sd_model: Any, *, device: torch.device, v_pred: bool | None = None, medvram: bool = False) -> None:
+    def __init__(self, sd_model: Any, *, device: torch.device, v_pred: bool | None = None, medvram: bool = False,
+                 zero_snr_option: bool = False) -> None:
         self.sd_model = sd_model
         self.forge = hasattr(sd_model, "forge_objects")
         if self.forge:
@@ -196,10 +201,14 @@ class WebUIBundle:
         self.dtype = next(self.unet.parameters()).dtype
         self.detected_v_pred = self._detect_v_pred()
         self.v_pred = self.detected_v_pred if v_pred is None else bool(v_pred)
+        self.notes: list[str] = []
+        self.zero_snr = bool(getattr(sd_model, "ztsnr", False)) or zero_snr_option
         self.alphas_cumprod = self._alphas_cumprod()
+        if self.zero_snr:
+            why = "the model's ztsnr flag" if getattr(sd_model, "ztsnr", False) else "the Web-UI's noise schedule option"
+            self.notes.append(f"zero-terminal SNR (from {why}): training on the rescaled schedule")
         self.name = self._name()
         self.scale_factor = float(getattr(sd_model, "scale_factor", 0.13025 if self.family is Family.SDXL else 0.18215))
-        self.notes: list[str] = []
         self._views: list[openclip.HFView] = []
         self._flags: list[tuple[Any, str, Any]] = []
         self._view_error: str | None = None
@@ -241,6 +250,8 @@ class WebUIBundle:
         ac = torch.as_tensor(ac).detach().to(self.device, torch.float32).clone()
         if ac.shape != (1000,):
             raise TrainTrainError(f"the Web-UI model's noise schedule has {tuple(ac.shape)} entries; 1000 expected")
+        if self.zero_snr and float(ac[-1]) > 1e-8:  # not yet rescaled (alphas_cumprod_original never is)
+            ac = rescale_zero_terminal_snr(ac.cpu()).to(self.device)
         return ac
 
     def _name(self) -> str:

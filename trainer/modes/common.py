@@ -128,7 +128,8 @@ class DenoiseLoss:
         gamma = torch.full_like(snr, self.snr_gamma)
         if self.v_pred:
             return torch.minimum(snr, gamma) / (snr + 1.0)
-        return torch.minimum(gamma / snr, torch.ones_like(snr))
+        # zero-terminal-SNR schedules reach SNR = 0 at t = 999: the weight's limit there is 1 (never γ/0)
+        return (gamma / snr.clamp_min(1e-12)).clamp_max(1.0)  # exact: any SNR < γ weighs 1
 
     def __call__(
         self, pred: torch.Tensor, target: torch.Tensor, t: torch.Tensor, mask: torch.Tensor | None = None,

@@ -84,4 +84,5 @@ def denoised(noise, noisy: torch.Tensor, pred: torch.Tensor, t: torch.Tensor, v_
     a = noise.alphas_cumprod.to(noisy.device)[t].view(-1, 1, 1, 1)
     if v_pred:
         return a.sqrt() * noisy - (1 - a).sqrt() * pred
-    return (noisy - (1 - a).sqrt() * pred) / a.sqrt()
+    # zero-terminal-SNR schedules have ᾱ = 0 at the last step, where an ε model says nothing about x₀
+    return (noisy - (1 - a).sqrt() * pred) / a.sqrt().clamp_min(1e-4)
