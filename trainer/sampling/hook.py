@@ -120,6 +120,9 @@ class PreviewHook:
             started = time.perf_counter()
             with isolated(modules, bundle.device):
                 images = [self._at(m, prompt) for m in self.multipliers]
+            if any(image is None for image in images):  # the host returned nothing (its Interrupt)
+                self.ctx.events.info(f"preview {k} at step {step} skipped: the renderer returned no image")
+                continue
             path = self.folder / f"{self.stem}_{step:06d}_{k}.png"
             self.folder.mkdir(parents=True, exist_ok=True)
             strip(images).save(path)
