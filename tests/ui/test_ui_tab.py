@@ -36,6 +36,7 @@ class FakeWorker:
     def __init__(self, error: Exception | None = None):
         self.submitted: list[tuple[Settings, bool]] = []
         self.error = error
+        self.preview_events: list = []
 
     def submit(self, settings, *, start):
         if self.error:
@@ -54,6 +55,9 @@ class FakeWorker:
 
     def history(self, job_id=None):
         return []
+
+    def previews(self):
+        return list(self.preview_events)
 
 
 @pytest.fixture(scope="module")
@@ -154,3 +158,29 @@ def test_mode_switch_updates_every_dependent_widget(built):
     assert out[id(tab.ui["images"])]["visible"] is False and out[id(tab.ui["pass2"])]["visible"] is False
     assert out[id(tab.first["lora_data_directory"])]["visible"] is False
     assert out[id(tab.first["network_rank"])]["visible"] is True
+
+
+def _update_value(update):
+    return update.get("value") if isinstance(update, dict) else getattr(update, "value", None)
+
+
+def test_poll_shows_new_previews_newest_first_and_only_on_change(built, tmp_path):
+    from PIL import Image
+
+    from trainer.progress import PreviewEvent
+
+    tab, _, _ = built
+    events = []
+    for step, color in ((10, (255, 0, 0)), (20, (0, 0, 255))):
+        path = tmp_path / f"p_{step}.png"
+        Image.new("RGB", (24, 8), color).save(path)
+        events.append(PreviewEvent(str(path), step, 1, "a cat", (-1.0, 0.0, 1.0), 0.5))
+    tab.worker.preview_events = events[::-1]  # the worker hands them newest first
+    out = tab.poll({}, True)
+    gallery, seen = out[-2], out[-1]
+    items = _update_value(gallery)
+    assert [caption for _, caption in items] == ["step 20 · LoRA -1 / 0 / +1 · a cat", "step 10 · LoRA -1 / 0 / +1 · a cat"]
+    assert items[0][0].getpixel((0, 0)) == (0, 0, 255)
+    assert _update_value(tab.poll(seen, True)[-2]) is None  # nothing new: the gallery is left alone
+    tab.worker.preview_events = []
+    assert _update_value(tab.poll(seen, True)[-2]) == []  # a new job: cleared
