@@ -80,9 +80,13 @@ def test_a_render_keeps_caches_state_rng_and_params(webui, tmp_path):
         assert paths.data_path == str(tmp_path)
 
 
-def test_the_webui_sampler_sees_the_adapters(webui, tmp_path):
+@pytest.mark.parametrize("checkpoint", ["base.safetensors [abc]", "xl.safetensors [def]"])
+def test_the_webui_sampler_sees_the_adapters(webui, tmp_path, checkpoint):
+    from modules import sd_models
+
     from trainer.network import NetworkSpec, build_network
 
+    sd_models.reload_model_weights(info=sd_models.checkpoints_list[checkpoint])
     host = WebUIHost()
     prompt = SamplePrompt("a photo", width=64, height=64, steps=2, cfg_scale=1.0, seed=3)
     with host.acquire("", "", precision="fp32", v_pred=None) as bundle:

@@ -165,8 +165,9 @@ def build_preview_hook(ctx, s, network, *, pass_index: int, total_steps: int) ->
         renderer = OwnLoopRenderer(ctx.bundle, ctx.precision.autocast)
     copier = s.mode == "Difference" and pass_index == 1
     folder = samples_folder(ctx.out)
-    ctx.events.info(f"Previews every {s.sample_every_n_steps} steps ({len(prompts)} prompt(s), "
-                    f"{getattr(renderer, 'name', 'own ' + str(s.sample_sampler))}) into {folder}")
+    by = getattr(renderer, "name", "our loop")
+    ctx.events.info(f"Previews every {s.sample_every_n_steps} steps: {len(prompts)} prompt(s), {s.sample_sampler} "
+                    f"by {by}, into {folder}")
     return PreviewHook(ctx, s, network, prompts=prompts, renderer=renderer, folder=folder,
                        stem=ctx.out.name + ("_copy" if copier else ""), pass_index=pass_index, total_steps=total_steps)
 
