@@ -10,7 +10,8 @@ CORE = ["trainer.settings", "trainer.presets", "trainer.paths", "trainer.errors"
         "trainer.jobs", "trainer.runner", "trainer.optim", "trainer.schedules", "trainer.effect", "trainer.vram",
         "trainer.network", "trainer.data", "trainer.modes.common", "trainer.modes.setup", "trainer.modes.resume",
         "trainer.modes.lora", "trainer.modes.ileco", "trainer.modes.difference", "trainer.modes.addift",
-        "trainer.modes.multi_addift", "trainer.models.bundle", "trainer.models.names", "trainer.hosts.base"]
+        "trainer.modes.multi_addift", "trainer.models.bundle", "trainer.models.names", "trainer.hosts.base",
+        "trainer.sampling.prompts", "trainer.sampling.sampler", "trainer.sampling.render", "trainer.sampling.hook"]
 
 
 def test_core_imports_without_host_libraries():

@@ -47,7 +47,8 @@ def test_tune_malloc_is_opt_in_and_idempotent(monkeypatch):
 def test_bench_writes_figures_for_a_mode(tmp_path, mode):
     out = tmp_path / "b.json"
     code = bench.main(["--model", "tiny-sd1", "--mode", mode, "--steps", "4", "--rounds", "1", "--resolution", "64",
-                       "--batch", "1", "--rank", "4", "--images", "4", "--threads", "1", "--json", str(out)])
+                       "--batch", "1", "--rank", "4", "--images", "4", "--threads", "1", "--previews", "1",
+                       "--preview-steps", "3", "--json", str(out)])
     assert code == 0
     figures = json.loads(out.read_text(encoding="utf-8"))
     assert figures["mode"] == mode and figures["rounds"] == 2 and figures["cpu_threads"] == 1
@@ -58,6 +59,7 @@ def test_bench_writes_figures_for_a_mode(tmp_path, mode):
     warm = [figures[k] for k in ("ttfs_model_warm_s", "ttfs_caching_warm_s", "ttfs_setup_warm_s", "ttfs_first_step_warm_s")]
     assert sum(warm) == pytest.approx(figures["time_to_first_step_warm_s"], abs=0.01)
     assert figures["peak_rss_mb"] > 100 and figures["vram_estimate_gb"] > 0
+    assert figures["preview_seconds_per_image"] > 0 and figures["preview_steps"] == 3
     if mode == "LoRA":
         assert figures["latent_cache_images_per_s"] > 0 and figures["ttfs_caching_s"] > 0
         assert figures["text_encoder_trained"] is True  # default blocks include BASE

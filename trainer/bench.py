@@ -88,6 +88,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra settings")
     p.add_argument("--threads", type=int, default=0,
                    help="torch intra-op threads (0: torch's default); 1 makes CPU timings robust on a shared machine")
+    p.add_argument("--previews", type=int, default=2,
+                   help="preview images to time after a warm-up one (0: skip the preview figure)")
+    p.add_argument("--preview-steps", type=int, default=20, help="sampling steps of each timed preview")
     p.add_argument("--device")
     p.add_argument("--json", help="write the figures here")
     return p
@@ -213,6 +216,34 @@ def minimal_loop(bundle, settings, *, steps: int, reference_forwards: int, stack
         bundle.set_gradient_checkpointing(False)
         for network in reversed(networks):
             network.detach()
+
+
+def preview_seconds(bundle, settings, *, count: int, steps: int) -> list[float]:
+    """Seconds per preview image at the run's size, as the preview hook renders them (our loop, CFG 7,
+    LoRA attached at weight 1, isolated like in training); one warm-up image is not counted."""
+    from trainer.modes.common import resolve_precision
+    from trainer.network import NetworkSpec, build_network
+    from trainer.sampling.hook import isolated
+    from trainer.sampling.prompts import SamplePrompt
+    from trainer.sampling.render import OwnLoopRenderer
+
+    h, w = settings.image_size
+    precision = resolve_precision(settings.train_model_precision, "fp32", bundle.device)
+    network = build_network(bundle, NetworkSpec.from_settings(settings), device=bundle.device)
+    network.attach()
+    renderer = OwnLoopRenderer(bundle, precision.autocast)
+    seconds = []
+    try:
+        for i in range(count + 1):
+            prompt = SamplePrompt("a picture of a cat", width=int(w), height=int(h), steps=steps, seed=i)
+            start = time.perf_counter()
+            with isolated([network, bundle.unet], bundle.device):
+                renderer(prompt, str(settings.sample_sampler))
+            _sync(bundle.device)
+            seconds.append(time.perf_counter() - start)
+    finally:
+        network.detach()
+    return seconds[1:]
 
 
 # -- one job run ------------------------------------------------------------------------------------
@@ -343,6 +374,10 @@ def _run_bench(args: argparse.Namespace) -> dict[str, Any]:
                 minimal[p].append((wall, cpu))
         if round_index < args.rounds:
             runs.append(run_once(settings, host, device))
+    previews: list[float] = []
+    if args.previews > 0:
+        with host.acquire(settings.model, "", precision=settings.train_model_precision, v_pred=None) as bundle:
+            previews = preview_seconds(bundle, settings, count=args.previews, steps=args.preview_steps)
 
     figures: dict[str, Any] = {
         "model": args.model, "mode": args.mode, "device": str(device), "torch": torch.__version__,
@@ -379,6 +414,8 @@ def _run_bench(args: argparse.Namespace) -> dict[str, Any]:
         "cuda_max_allocated_mb": round(cuda_peak, 1) if cuda_peak is not None else None,
         "vram_estimate_gb": vram.total_gb, "vram_estimate_parts": vram.parts,
         "machine": f"{platform.machine()} {os.cpu_count()} cpu",
+        "preview_seconds_per_image": round(_median(previews), 3) if previews else None,
+        "preview_steps": args.preview_steps if previews else None, "preview_sampler": str(settings.sample_sampler),
     })
     return figures
 

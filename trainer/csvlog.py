@@ -31,6 +31,11 @@ def csv_path(logs_root: str | os.PathLike[str], name: str, stamp: str, suffix: s
     return Path(logs_root) / stamp[:8] / f"{name}-{stamp}{suffix}.csv"
 
 
+def samples_dir(logs_root: str | os.PathLike[str], name: str, stamp: str) -> Path:
+    """``logs/<YYYYMMDD>/<name>-<YYYYMMDD_HHMMSS>/samples``: the run's preview images, beside its CSV."""
+    return Path(logs_root) / stamp[:8] / f"{name}-{stamp}" / "samples"
+
+
 class CsvSink:
     """Writes one row per step for one pass; the header block comes from the run description."""
 

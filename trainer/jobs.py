@@ -263,6 +263,10 @@ class Worker:
         """Loss rows of the running (or last) job, for the live curve."""
         return list(self._history.rows)
 
+    def previews(self) -> list:
+        """Preview events (``PreviewEvent``) of the running (or last) job, newest first."""
+        return list(reversed(self._history.previews))
+
     def messages(self) -> list[str]:
         return [f"{m.level}: {m.text}" if m.level != "info" else m.text for m in self._history.messages]
 

@@ -64,7 +64,27 @@ class RunSummary:
     extra: dict[str, str] = field(default_factory=dict)
 
 
-Event = ProgressEvent | Message | RunSummary
+@dataclass(frozen=True)
+class PreviewEvent:
+    """A preview image was written (``sample_every_n_steps``).
+
+    Attributes:
+        path: the PNG (a strip, left to right, for several multipliers).
+        step: the step it shows; pass_index: 1, or 2 for Difference pass 2.
+        prompt: the prompt rendered.
+        multipliers: the LoRA weights, left to right.
+        seconds_per_image: rendering time per image of the strip.
+    """
+
+    path: str
+    step: int
+    pass_index: int
+    prompt: str
+    multipliers: tuple[float, ...] = (1.0,)
+    seconds_per_image: float = 0.0
+
+
+Event = ProgressEvent | Message | RunSummary | PreviewEvent
 
 
 class Sink(Protocol):
@@ -154,6 +174,9 @@ class TqdmSink:
                 post["epoch"] = event.epoch
             self._bar.set_postfix(post, refresh=False)
             self._bar.refresh()
+        elif isinstance(event, PreviewEvent):
+            writer = self._bar.write if self._bar is not None else (lambda s: print(s, file=self.file))
+            writer(f"preview (step {event.step}, {event.seconds_per_image:.1f} s/image): {event.path}")
         elif isinstance(event, Message):
             writer = self._bar.write if self._bar is not None else (lambda s: print(s, file=self.file))
             writer(f"[{event.level}] {event.text}" if event.level != "info" else event.text)
@@ -172,6 +195,7 @@ class HistorySink:
         self.summary: RunSummary | None = None
         self.rows: list[dict[str, float]] = []
         self.messages: list[Message] = []
+        self.previews: list[PreviewEvent] = []
         self.max_rows = max_rows
 
     def on_event(self, event: Event) -> None:
@@ -186,6 +210,8 @@ class HistorySink:
             self.summary = event
         elif isinstance(event, Message):
             self.messages.append(event)
+        elif isinstance(event, PreviewEvent):
+            self.previews.append(event)
 
     def close(self) -> None:
         pass

@@ -66,7 +66,8 @@ def run_job(
     seed = resolve_seed(settings.train_seed)
     stamp = time.strftime("%Y%m%d_%H%M%S")
     out = OutputPlan(host.lora_dir(), safe_name(settings.save_lora_name, "save_lora_name"), stamp,
-                     bool(settings.save_overwrite), logs_root if settings.logging_save_csv else None)
+                     bool(settings.save_overwrite), logs_root if settings.logging_save_csv else None,
+                     samples_root=logs_root)
     out.check_free(recipe.planned_suffixes(settings))
     snapshot = None
     if settings.save_as_json and json_root is not None and rank == 0:

@@ -100,6 +100,24 @@ def test_start_training_shows_progress_and_result(page, app):
     shot(page, "train-done")
 
 
+def test_preview_images_show_in_the_gallery_during_the_run(page, app):
+    assert app["worker"].wait_idle(120)
+    tiny_lora(page, app, "ui_preview", iterations=6)
+    fill(page, "tt_sample_every_n_steps", "3")
+    fill(page, "tt_sample_prompts", "a sample --s 2")
+    page.click("#tt_start")
+    wait_message(page, "Started 'ui_preview'", 30_000)
+    page.wait_for_function("() => document.querySelectorAll('#tt_previews img').length > 0", timeout=TIMEOUT_MS)
+    wait_message(page, "ui_preview: Successfully")
+    if app["real"]:  # steps 3 and 6, newest first
+        page.wait_for_function("() => document.querySelector('#tt_previews').innerText.includes('step 6')", timeout=30_000)
+        record = next(r for r in app["worker"].records() if r.name == "ui_preview")
+        assert record.status == "done"
+        samples = sorted(app["paths"].logs_root.rglob("ui_preview_*.png"))
+        assert [p.name for p in samples] == ["ui_preview_000003_0.png", "ui_preview_000006_0.png"]
+    shot(page, "previews")
+
+
 def test_queue_runs_two_jobs_in_order(page, app):
     worker = app["worker"]
     assert worker.wait_idle(120)

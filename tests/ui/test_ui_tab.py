@@ -36,6 +36,7 @@ class FakeWorker:
     def __init__(self, error: Exception | None = None):
         self.submitted: list[tuple[Settings, bool]] = []
         self.error = error
+        self.preview_events: list = []
 
     def submit(self, settings, *, start):
         if self.error:
@@ -54,6 +55,9 @@ class FakeWorker:
 
     def history(self, job_id=None):
         return []
+
+    def previews(self):
+        return list(self.preview_events)
 
 
 @pytest.fixture(scope="module")
@@ -172,3 +176,29 @@ def test_count_steps_shows_epochs_repeats_and_batches_before_a_run(built, tmp_pa
     assert by_steps == "15 steps = 2.50 epochs × 6 batches (4 images × 3 repeats / batch 2)"
     missing = tab.on_count_steps(*_values(tab, Settings.from_layers({"lora_data_directory": str(tmp_path / "no")})))
     assert missing.startswith("cannot count steps:") and "does not exist" in missing
+
+
+def _update_value(update):
+    return update.get("value") if isinstance(update, dict) else getattr(update, "value", None)
+
+
+def test_poll_shows_new_previews_newest_first_and_only_on_change(built, tmp_path):
+    from PIL import Image
+
+    from trainer.progress import PreviewEvent
+
+    tab, _, _ = built
+    events = []
+    for step, color in ((10, (255, 0, 0)), (20, (0, 0, 255))):
+        path = tmp_path / f"p_{step}.png"
+        Image.new("RGB", (24, 8), color).save(path)
+        events.append(PreviewEvent(str(path), step, 1, "a cat", (-1.0, 0.0, 1.0), 0.5))
+    tab.worker.preview_events = events[::-1]  # the worker hands them newest first
+    out = tab.poll({}, True)
+    gallery, seen = out[-2], out[-1]
+    items = _update_value(gallery)
+    assert [caption for _, caption in items] == ["step 20 · LoRA -1 / 0 / +1 · a cat", "step 10 · LoRA -1 / 0 / +1 · a cat"]
+    assert items[0][0].getpixel((0, 0)) == (0, 0, 255)
+    assert _update_value(tab.poll(seen, True)[-2]) is None  # nothing new: the gallery is left alone
+    tab.worker.preview_events = []
+    assert _update_value(tab.poll(seen, True)[-2]) == []  # a new job: cleared

@@ -27,6 +27,7 @@ def fake_webui(monkeypatch, tmp_path):
     shared.reset()
     shared.cmd_opts.lora_dir = str(tmp_path / "Lora")
     paths.models_path = str(tmp_path / "models")
+    paths.data_path = str(tmp_path)
     yield shared
     _drop_fake_modules()
 

@@ -344,6 +344,10 @@ class LatentDiffusion(nn.Module):
     def get_first_stage_encoding(self, posterior):
         return self.scale_factor * posterior.sample()
 
+    @torch.no_grad()
+    def decode_first_stage(self, z):
+        return self.first_stage_model.decode(z / self.scale_factor).sample
+
     def apply_model(self, x_noisy, t, cond):
         if not isinstance(cond, dict):
             cond = {"c_crossattn": [cond]}
@@ -424,6 +428,10 @@ class DiffusionEngine(nn.Module):
 
     def get_first_stage_encoding(self, x):
         return x
+
+    @torch.no_grad()
+    def decode_first_stage(self, z):
+        return self.first_stage_model.decode(z / self.scale_factor).sample
 
     def apply_model(self, x, t, cond):
         return self.model(x, t, cond)

@@ -127,6 +127,11 @@ class ModelBundle(Protocol):
         """Run the denoiser. SDXL size conditioning uses the pixel size of ``noisy`` (latent x 8)."""
         ...
 
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Decode scaled latents (B, C, h, w) to pixels (B, 3, h·8, w·8) in [-1, 1], float32, without
+        gradients; a VAE the mode offloaded is brought to the device for the call and put back after."""
+        ...
+
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         """Turn non-reentrant activation checkpointing of the U-Net blocks on or off."""
         ...

@@ -127,6 +127,22 @@ class DiffusersBundle:
         latents = (sample.float() - shift) * float(self.vae.config.scaling_factor)
         return latents.to(self.device)
 
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents -> pixels in [-1, 1], float32, on ``device`` (previews). A VAE offloaded to the
+        CPU decodes on the training device for this call and goes back afterwards."""
+        home = next(self.vae.parameters()).device
+        if home != self.device:
+            nn.Module.to(self.vae, self.device)
+        try:
+            shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+            z = latents.float() / float(self.vae.config.scaling_factor) + shift
+            pixels = self.vae.decode(z.to(self.device, self.vae_dtype)).sample
+        finally:
+            if home != self.device:
+                nn.Module.to(self.vae, home)
+        return pixels.float().clamp(-1, 1)
+
     # -- denoiser -------------------------------------------------------------------------------------
     def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Cond) -> torch.Tensor:
         """Run the U-Net; returns float32. SDXL size conditioning is the pixel size of ``noisy``

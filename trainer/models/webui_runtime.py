@@ -29,8 +29,8 @@ from __future__ import annotations
 
 import math
 import secrets
-from collections.abc import Sequence
-from contextlib import nullcontext
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -213,6 +213,7 @@ class WebUIBundle:
         self._flags: list[tuple[Any, str, Any]] = []
         self._view_error: str | None = None
         self._checkpointed: list[nn.Module] = []
+        self._offloaded: list[nn.Module] = []  # what offload() moved to the CPU (previews bring it back)
         if self.v_pred != self.detected_v_pred:
             self.notes.append(f"model_v_pred={self.v_pred} overrides the model's own prediction type ({'v' if self.detected_v_pred else 'eps'})")
         self.text_encoders, self.text_encoder_note = self._text_encoders(medvram)
@@ -443,3 +444,38 @@ class WebUIBundle:
                 raise ValueError(f"unknown part {part!r}; use 'vae' or 'text_encoders'")
             if module is not None:
                 module.to("cpu")
+                if module not in self._offloaded:
+                    self._offloaded.append(module)
+
+    @contextmanager
+    def onloaded(self) -> Iterator[None]:
+        """Bring parts that :meth:`offload` moved to the CPU back to the device for a preview, and send
+        them back afterwards (the Web-UI's sampler expects its VAE and text encoder on its device)."""
+        homes = [(m, _first_param(m).device) for m in self._offloaded if _first_param(m) is not None]
+        try:
+            for module, _ in homes:
+                module.to(self.device)
+            yield
+        finally:
+            for module, home in homes:
+                module.to(home)
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Decode through the Web-UI's ``decode_first_stage`` (previews): pixels in [-1, 1], float32."""
+        vae = getattr(self.sd_model, "first_stage_model", None)
+        p = _first_param(vae)
+        dtype = p.dtype if p is not None else self.dtype
+        with self.onloaded():
+            pixels = self.sd_model.decode_first_stage(latents.to(self.device, dtype))
+        return self._own(pixels).float().clamp(-1, 1)
+
+    def preview_renderer(self):
+        """A1111: previews through its own txt2img path (``trainer/hosts/webui_preview.py``). Forge: None,
+        so previews run our loop on this bundle (Forge's sampler re-patches the U-Net through its model
+        patcher, which in-place training bypasses; not verified, so not used)."""
+        if self.forge:
+            return None
+        from trainer.hosts.webui_preview import A1111Renderer
+
+        return A1111Renderer(self)

@@ -40,7 +40,8 @@ class OutputPlan:
     name: str
     stamp: str
     overwrite: bool
-    logs_root: Path | None = None
+    logs_root: Path | None = None  # None: no CSV log
+    samples_root: Path | None = None  # where preview images go (logs/), with or without a CSV
 
     def path(self, suffix: str = "") -> Path:
         return inside(self.lora_dir, f"{self.name}{suffix}.safetensors")

@@ -94,6 +94,16 @@ def poll(
         demo.load(fn, inputs=inputs, outputs=outputs, every=every_s, **QUIET)
 
 
+def gallery(label: str, elem_id: str, columns: int = 4, height: int = 320) -> gr.Gallery:
+    """A read-only image gallery; ``columns``/``height``/``object_fit`` only where this gradio has them."""
+    import inspect
+
+    wanted = {"columns": columns, "height": height, "object_fit": "contain", "allow_preview": True, "interactive": False}
+    accepted = inspect.signature(gr.Gallery.__init__).parameters
+    extra = {k: v for k, v in wanted.items() if k in accepted}
+    return gr.Gallery(label=label, elem_id=elem_id, **extra)
+
+
 def file_path(value: Any) -> str | None:
     """The path of a ``gr.File``/``gr.Image(type="filepath")`` value: tempfile objects on 3.x, str on 4+."""
     if value is None or value == "":

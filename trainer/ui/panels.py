@@ -118,3 +118,10 @@ def job_choice(record: Any) -> str:
 def job_id_of(choice: str | None) -> str:
     """The job id from a dropdown entry (or a bare id typed by hand)."""
     return (choice or "").strip().split(" ", 1)[0]
+
+
+def preview_caption(event: Any) -> str:
+    """``step 40 · LoRA −1 / 0 / +1 · a cat`` for a gallery tile."""
+    weights = " / ".join(f"{m:+g}" if m else "0" for m in event.multipliers)
+    passes = " · pass 2" if event.pass_index > 1 else ""
+    return f"step {event.step}{passes} · LoRA {weights} · {event.prompt}"[:120]

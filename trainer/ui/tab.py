@@ -23,6 +23,7 @@ from trainer.ui.form import BLOCKS_KEY, NO_VAE, USE_PASS2_KEY
 from trainer.ui.widgets import field_widget
 
 ROOT_ID = "traintrain_tab"
+MAX_PREVIEWS = 24  # newest previews in the gallery
 # traintrain.js defines traintrainConfirm; without it (gradio 3.41 standalone) the browser's confirm is used.
 _CONFIRM_JS = "(x) => [window.traintrainConfirm ? window.traintrainConfirm({msg}) : window.confirm({msg})]"
 
@@ -90,6 +91,7 @@ class TrainTab:
                 ui["progress"] = gr.HTML(panels.progress_html(None, False, 0), elem_id="tt_progress")
             with gr.Column(scale=3, min_width=320):
                 ui["live_plot"] = self._line_plot("Loss", "loss", "tt_live_plot")
+        ui["previews"] = compat.gallery("Previews (sample_every_n_steps; newest first)", "tt_previews")
         self._build_job_widgets()
         self._build_params()
 
@@ -407,7 +409,7 @@ class TrainTab:
         return compat.update(value=loss), compat.update(value=lr), info
 
     def poll(self, seen: dict[str, Any] | None, follow: bool):
-        """Every second: progress panel, live curve, result message, queue table, followed plot."""
+        """Every second: progress panel, live curve, result message, queue table, followed plot, previews."""
         # gradio 3.x re-runs an ``every=`` poll with its first inputs, so there the same dict object is
         # mutated to remember what this page was shown; gradio 5+ needs a new object to store the State.
         seen = seen if isinstance(seen, dict) else {}
@@ -438,12 +440,17 @@ class TrainTab:
             seen["reported"] = shown  # a freshly opened page: the panel shows the old result, the box stays free
         elif last is not None and seen["reported"] != shown:
             message, seen["reported"] = panels.result_line(last), shown
+        gallery = compat.update()
+        previews = self.worker.previews()[:MAX_PREVIEWS] if hasattr(self.worker, "previews") else []
+        shown_previews = [e.path for e in previews]
+        if shown_previews != seen.get("previews", []):
+            gallery, seen["previews"] = compat.update(value=gallery_items(previews)), shown_previews
         table, jobs = compat.update(), compat.update()
         rows = panels.queue_rows(records)
         if rows != seen.get("rows"):
             table, seen["rows"] = compat.update(value=rows), rows
             jobs = compat.update(choices=[panels.job_choice(r) for r in records])
-        return panel, curve, message, table, jobs, curve_loss, curve_lr, seen
+        return panel, curve, message, table, jobs, curve_loss, curve_lr, gallery, seen
 
     # ------------------------------------------------------------------ wiring
 
@@ -480,7 +487,7 @@ class TrainTab:
                               outputs=[ui["plot_loss"], ui["plot_lr"], ui["plot_info"]])
         compat.poll(1.0, self.poll, inputs=[ui["seen"], ui["plot_follow"]],
                     outputs=[ui["progress"], ui["live_plot"], ui["message"], ui["queue_table"], ui["queue_job"],
-                             ui["plot_loss"], ui["plot_lr"], ui["seen"]], demo=demo)
+                             ui["plot_loss"], ui["plot_lr"], ui["previews"], ui["seen"]], demo=demo)
 
     def _wire_queue(self) -> None:
         ui = self.ui
@@ -495,6 +502,21 @@ class TrainTab:
                                    outputs=outs,
                                    **compat.js_kwargs(_confirm_js("Stop the running job and cancel every queued job?")))
         ui["queue_table"].select(self.on_row_select, outputs=[ui["queue_job"]])
+
+
+def gallery_items(previews: list[Any]) -> list[tuple[Any, str]]:
+    """(image, caption) pairs for the gallery. Images are handed over loaded, not as paths: gradio 4+
+    serves only files under its allowed folders, and the logs folder need not be one."""
+    from PIL import Image
+
+    items = []
+    for event in previews:
+        try:
+            with Image.open(event.path) as image:
+                items.append((image.convert("RGB"), panels.preview_caption(event)))
+        except OSError:  # deleted meanwhile: leave it out
+            continue
+    return items
 
 
 def history_last(history: list[dict[str, float]]) -> dict[str, float]:

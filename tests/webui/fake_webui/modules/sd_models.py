@@ -32,7 +32,13 @@ def get_closet_checkpoint_match(search: str) -> CheckpointInfo | None:
 
 
 def reload_model_weights(sd_model=None, info: CheckpointInfo | None = None, forced_reload: bool = False):
-    """Build (or reuse) the model of ``info`` and make it the loaded one."""
+    """Build (or reuse) the model of ``info`` and make it the loaded one; no ``info``: the one the settings
+    name, and nothing happens when it is already loaded (as A1111)."""
+    if info is None:
+        info = checkpoints_list.get(shared.opts.sd_model_checkpoint)
+        current = getattr(shared.sd_model, "sd_checkpoint_info", None)
+        if info is None or info is current:
+            return shared.sd_model
     loads.append(info.title)
     model = info.factory()
     model.sd_checkpoint_info = info
