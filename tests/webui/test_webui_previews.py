@@ -110,16 +110,27 @@ def test_the_webui_sampler_sees_the_adapters(webui, tmp_path, checkpoint):
     assert np.abs(one - base).mean() > 1  # the Web-UI's sampler ran through our adapters
 
 
-def test_a_checkpoint_setting_that_names_another_model_is_refused(webui, tmp_path):
+def test_a_checkpoint_setting_that_names_another_model_falls_back_to_our_loop(webui, tmp_path):
     from modules import sd_models
 
+    from trainer.sampling.render import OwnLoopRenderer
+
     host = WebUIHost()
+    prompt = SamplePrompt("x", width=64, height=64, steps=1, seed=0)
+    notes: list[str] = []
     with host.acquire("", "", precision="fp32", v_pred=None) as bundle:
         webui.opts.sd_model_checkpoint = "xl.safetensors [def]"
-        with pytest.raises(Exception, match="sample_every_n_steps to 0"):
-            bundle.preview_renderer()(SamplePrompt("x", width=64, height=64, steps=1, seed=0), "Euler")
-        webui.opts.sd_model_checkpoint = "base.safetensors [abc]"
+        try:
+            renderer = bundle.preview_renderer()
+            with pytest.raises(Exception, match="sample_every_n_steps to 0"):  # no fallback offered: refused
+                renderer(prompt, "Euler")
+            renderer.fallback, renderer.note = OwnLoopRenderer(bundle), notes.append
+            for _ in range(2):
+                assert renderer(prompt, "Euler").size == (64, 64)
+        finally:
+            webui.opts.sd_model_checkpoint = "base.safetensors [abc]"
     assert sd_models.loads == []  # no checkpoint was loaded for the preview
+    assert len(notes) == 1 and "own sampler" in notes[0]  # said once, the run goes on
 
 
 def test_forge_previews_use_our_loop(webui):

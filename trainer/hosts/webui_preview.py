@@ -33,17 +33,29 @@ class A1111Renderer:
 
     def __init__(self, bundle: Any) -> None:
         self.bundle = bundle
+        # set by the preview hook: our own loop, for when the Web-UI cannot render this model, and where
+        # to say so (once)
+        self.fallback: Any = None
+        self.note: Any = None
+        self._noted = False
 
     def __call__(self, prompt: Any, sampler: str) -> Any:
         """Returns an RGB PIL image, or None when the Web-UI returned none (its Interrupt was pressed).
 
         Raises:
-            TrainTrainError: the Web-UI would load another checkpoint for the preview, or swapped the model.
+            TrainTrainError: the Web-UI swapped the model while rendering.
         """
         from modules import processing, shared
 
         model = shared.sd_model
-        _check_checkpoint(shared, model)
+        why = _checkpoint_mismatch(shared, model)
+        if why is not None:
+            if self.fallback is None:
+                raise TrainTrainError(f"{why}; set sample_every_n_steps to 0")
+            if self.note is not None and not self._noted:
+                self.note(f"{why}; previews use TrainTrain's own sampler instead")
+                self._noted = True
+            return self.fallback(prompt, sampler)
         p = processing.StableDiffusionProcessingTxt2Img(
             prompt=prompt.prompt, negative_prompt=prompt.negative, seed=int(prompt.seed), sampler_name=sampler,
             steps=int(prompt.steps), cfg_scale=float(prompt.cfg_scale), width=int(prompt.width),
@@ -60,14 +72,16 @@ class A1111Renderer:
         return images[0].convert("RGB") if images else None
 
 
-def _check_checkpoint(shared: Any, model: Any) -> None:
-    """``process_images`` reloads the checkpoint the Web-UI's settings name; it must be the one trained."""
+def _checkpoint_mismatch(shared: Any, model: Any) -> str | None:
+    """Why ``process_images`` cannot be used: it reloads the checkpoint the Web-UI's settings name, which
+    must be the one trained (the tab may train another model, or the user may pick one meanwhile)."""
     info = getattr(model, "sd_checkpoint_info", None)
     wanted = getattr(shared.opts, "sd_model_checkpoint", None)
     names = {getattr(info, "title", None), getattr(info, "name", None)} - {None}
     if wanted and names and wanted not in names:
-        raise TrainTrainError(f"the Web-UI's checkpoint setting ('{wanted}') is not the model being trained "
-                              f"('{getattr(info, 'title', '?')}'); a preview would load it. Set sample_every_n_steps to 0")
+        return (f"the Web-UI's checkpoint setting ('{wanted}') is not the model being trained "
+                f"('{getattr(info, 'title', '?')}'), and its sampler would load it")
+    return None
 
 
 @contextlib.contextmanager

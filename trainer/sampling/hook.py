@@ -161,8 +161,11 @@ def build_preview_hook(ctx, s, network, *, pass_index: int, total_steps: int) ->
     prompts = resolve_prompts(s, ctx.seed)
     make = getattr(ctx.bundle, "preview_renderer", None)
     renderer = make() if make is not None else None
+    own = OwnLoopRenderer(ctx.bundle, ctx.precision.autocast)
     if renderer is None:
-        renderer = OwnLoopRenderer(ctx.bundle, ctx.precision.autocast)
+        renderer = own
+    elif hasattr(renderer, "fallback"):  # a host renderer that cannot render this model falls back to ours
+        renderer.fallback, renderer.note = own, ctx.note
     copier = s.mode == "Difference" and pass_index == 1
     folder = samples_folder(ctx.out)
     by = getattr(renderer, "name", "our loop")
