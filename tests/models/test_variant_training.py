@@ -77,7 +77,8 @@ def assert_loads_everywhere(lora: Path, bundle, reference_keys: set[str] | None 
     state, _ = load_lora(lora)
     modules = {k.partition(".")[0] for k in state}
     pipe = _pipeline(bundle)
-    pipe.load_lora_weights(str(lora), adapter_name="ours")
+    # folder + weight_name: diffusers < 0.32 refuses a bare file path offline
+    pipe.load_lora_weights(str(Path(lora).parent), weight_name=Path(lora).name, adapter_name="ours")
     roots = [pipe.unet, pipe.text_encoder] + ([pipe.text_encoder_2] if hasattr(pipe, "text_encoder_2") else [])
     layers = sum(1 for root in roots for m in root.modules() if isinstance(m, peft.tuners.lora.LoraLayer))
     assert layers == len(modules) > 0, f"diffusers matched {layers} of {len(modules)} modules"
