@@ -69,6 +69,7 @@ class Progress:
     eta_s: float
     pass_index: int
     text: str = ""
+    epochs: int = 0
 
 
 class JobQueue:
@@ -257,7 +258,7 @@ class Worker:
             record = self.queue.find(job_id)
         text = self._history.messages[-1].text if self._history.messages else ""
         return Progress(job_id, record.name, event.step, event.total, event.loss, event.loss_ema, dict(event.lrs),
-                        event.epoch, event.elapsed_s, event.eta_s, event.pass_index, text)
+                        event.epoch, event.elapsed_s, event.eta_s, event.pass_index, text, event.epochs)
 
     def history(self) -> list[dict[str, float]]:
         """Loss rows of the running (or last) job, for the live curve."""

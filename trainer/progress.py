@@ -23,10 +23,11 @@ class ProgressEvent:
         loss: raw loss of this step (None on steps where it was not synced from the device).
         loss_ema: exponential moving average of the loss (0.9 decay).
         lrs: learning rate per parameter group name.
-        epoch: dataset epoch (0 when the mode has no dataset).
+        epoch: the dataset epoch of this step, 1-based (0 when the mode has no dataset).
         elapsed_s: seconds since the pass started.
         eta_s: estimated seconds to the end of the pass.
         pass_index: 1, or 2 for Difference pass 2.
+        epochs: epochs the pass covers (0 when the mode has no dataset).
     """
 
     step: int
@@ -38,6 +39,7 @@ class ProgressEvent:
     elapsed_s: float = 0.0
     eta_s: float = 0.0
     pass_index: int = 1
+    epochs: int = 0
 
 
 @dataclass(frozen=True)
@@ -171,7 +173,7 @@ class TqdmSink:
             lr = next(iter(event.lrs.values()), 0.0)
             post = {"loss": f"{event.loss_ema:.4f}" if event.loss_ema is not None else "-", "lr": f"{lr:.2e}"}
             if event.epoch:
-                post["epoch"] = event.epoch
+                post["epoch"] = f"{event.epoch}/{event.epochs}" if event.epochs else event.epoch
             self._bar.set_postfix(post, refresh=False)
             self._bar.refresh()
         elif isinstance(event, PreviewEvent):

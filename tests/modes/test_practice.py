@@ -40,7 +40,7 @@ class Epochs:
 
     def on_event(self, event) -> None:
         if isinstance(event, ProgressEvent):
-            self.by_step[event.step] = event.epoch
+            self.by_step[event.step] = (event.epoch, event.epochs)
 
     def close(self) -> None:
         pass
@@ -60,7 +60,7 @@ def test_epochs_times_repeats_set_the_steps_show_the_plan_and_save_each_epoch(tr
     assert [int(r["step"]) for r in result["history"].rows] == list(range(1, 13))
     lines = [m.text for m in result["history"].messages]
     assert "12 steps = 3 epochs × 4 batches (8 samples from 4 images (repeats 1–3) / batch 2)" in lines
-    assert [epochs.by_step[k] for k in (3, 4, 5, 8, 9)] == [0, 1, 1, 2, 2]  # completed epochs after each step
+    assert [epochs.by_step[k] for k in (1, 4, 5, 8, 9, 12)] == [(1, 3), (1, 3), (2, 3), (2, 3), (3, 3), (3, 3)]
     names = sorted(p.split("/")[-1] for p in result["files"] if p.endswith(".safetensors"))
     assert names == ["ep.safetensors", "ep_epoch1.safetensors", "ep_epoch2.safetensors"]
     _, meta = load_lora(result["lora_path"])

@@ -102,6 +102,12 @@ class BucketBatcher:
         return self._next // self.batches_per_epoch
 
     @property
+    def current_epoch(self) -> int:
+        """1-based epoch of the batch this rank drew last (0 before the first), for progress displays."""
+        drawn = self._next - self.world_size
+        return 0 if drawn < 0 else drawn // self.batches_per_epoch + 1
+
+    @property
     def steps_per_epoch(self) -> int:
         """Batches this rank draws per epoch, rounded up (the global count divided among the ranks)."""
         return -(-self.batches_per_epoch // self.world_size)

@@ -245,6 +245,7 @@ def train_pass(
     after_backward: Callable[[list[torch.Tensor]], None] | None = None,
     start_step: int = 0,
     extra_saves: Collection[int] = (),
+    epochs: int = 0,
     after_step: Callable[[int], None] | None = None,
 ) -> PassResult:
     """Run exactly ``total_steps`` optimizer steps of ``loss_step`` (N, not N+1).
@@ -258,6 +259,7 @@ def train_pass(
         after_backward: called with the trainable parameters after backward (DDP gradient averaging).
         start_step: steps already done (a resumed run continues after it).
         extra_saves: more steps to save at (epoch ends), besides every ``save_every`` steps.
+        epochs: the dataset epochs the pass covers, for the progress display (0: no dataset).
         after_step: called with the step number after each step and its saves (sample previews); it must
             not touch the training RNG streams.
 
@@ -295,7 +297,7 @@ def train_pass(
         tracker.update(value)
         elapsed, eta = tracker.timing(step - start_step)
         lrs = dict(zip(names, schedule.lrs(), strict=False))
-        events.emit(ProgressEvent(step, total_steps, value, tracker.ema, lrs, epoch(), elapsed, eta, pass_index))
+        events.emit(ProgressEvent(step, total_steps, value, tracker.ema, lrs, epoch(), elapsed, eta, pass_index, epochs))
         if step in periodic:
             last_save = save(step)
         if after_step is not None:

@@ -96,7 +96,7 @@ def run(ctx: RunContext) -> ModeOutcome:
     sidecar = {"activation_text": s.lora_trigger_word, "preferred_weight": 1.0, "sd_version": bundle.family.name}
     summary = {"images": train_count, "buckets": counts, "epochs": f"{s.train_iterations / batcher.steps_per_epoch:g}"}
     try:
-        result, written = run_pass(ctx, s, network, loss_step, epoch=lambda: batcher.epoch, summary=summary,
+        result, written = run_pass(ctx, s, network, loss_step, epoch=lambda: batcher.current_epoch, summary=summary,
                                    extra=extra, steps_per_epoch=batcher.steps_per_epoch)
         return finish(ctx, s, network, result, written, extra=extra, sidecar=sidecar, effect_probe=probe)
     finally:

@@ -72,7 +72,7 @@ def run(ctx: RunContext) -> ModeOutcome:
              **dataset_metadata(s, plan, batcher.steps_per_epoch)}
     sidecar = {"activation_text": s.lora_trigger_word, "preferred_weight": 1.0, "sd_version": bundle.family.name}
     try:
-        result, written = run_pass(ctx, s, network, addift_loss(ctx, s, network, draw), epoch=lambda: batcher.epoch,
+        result, written = run_pass(ctx, s, network, addift_loss(ctx, s, network, draw), epoch=lambda: batcher.current_epoch,
                                    summary={"pairs": len(plan.pairs), "buckets": counts}, extra=extra,
                                    steps_per_epoch=batcher.steps_per_epoch)
         return finish(ctx, s, network, result, written, extra=extra, sidecar=sidecar, effect_probe=probe)

@@ -340,6 +340,7 @@ def run_pass(
             events=ctx.events, stop=ctx.stop, save=save, save_every=int(s.save_per_steps),
             max_grad_norm=float(getattr(s, "train_max_grad_norm", 0) or 0), pass_index=pass_index, epoch=epoch,
             after_backward=ctx.grad_sync, start_step=start, extra_saves=epoch_saves, after_step=previews,
+            epochs=-(-total // steps_per_epoch) if steps_per_epoch > 0 else 0,
         )
         if previews is not None:
             previews.finish(result.steps)  # the end-of-pass preview

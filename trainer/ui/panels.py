@@ -28,6 +28,14 @@ def _cell(label: str, value: str) -> str:
     return f'<div class="tt-stat"><span class="tt-stat-label">{label}</span><span class="tt-stat-value">{value}</span></div>'
 
 
+def _epoch(progress: Any) -> str:
+    """``3 / 10`` for dataset runs, ``–`` for modes without a dataset."""
+    total = getattr(progress, "epochs", 0)
+    if not progress.epoch:
+        return "–"
+    return f"{progress.epoch} / {total}" if total else str(progress.epoch)
+
+
 def progress_html(progress: Any, busy: bool, queued: int, note: str = "") -> str:
     """The live panel: a bar with step/total and cells for loss, EMA, LR, epoch, elapsed and ETA.
 
@@ -48,7 +56,7 @@ def progress_html(progress: Any, busy: bool, queued: int, note: str = "") -> str
     lrs = " · ".join(f"{html.escape(str(k))} {_num(v)}" for k, v in (progress.lrs or {}).items()) or "–"
     cells = "".join((
         _cell("loss", _num(progress.loss)), _cell("loss EMA", _num(progress.loss_ema)), _cell("LR", lrs),
-        _cell("epoch", str(progress.epoch)), _cell("elapsed", format_seconds(progress.elapsed_s)),
+        _cell("epoch", _epoch(progress)), _cell("elapsed", format_seconds(progress.elapsed_s)),
         _cell("ETA", format_seconds(progress.eta_s)),
     ))
     title = html.escape(progress.name)
