@@ -51,6 +51,21 @@ def test_the_loop_lands_on_the_data_point_and_guidance_extrapolates(sampler, v_p
     assert torch.allclose(guided[0], uncond_x0 + 3.0 * (cond_x0 - uncond_x0), atol=1e-4)
 
 
+@pytest.mark.parametrize("sampler", ["Euler", "DDIM"])
+def test_zero_terminal_snr_schedules_sample_finite_latents(sampler):
+    """ᾱ reaches 0 at t = 999 (σ = ∞): the loop starts from A1111's floor instead and still lands."""
+    from trainer.models.components import compute_alphas_cumprod
+
+    ac = compute_alphas_cumprod({"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
+                                 "num_train_timesteps": 1000, "rescale_betas_zero_snr": True}).float()
+    assert ac[-1] == 0
+    gen = torch.Generator().manual_seed(1)
+    x0, noise = torch.randn(4, 8, 8, generator=gen), torch.randn(1, 4, 8, 8, generator=gen)
+    out = sample_latents(_oracle(ac, [x0], True), _cond(0), None, alphas_cumprod=ac, noise=noise, steps=8,
+                         cfg_scale=1.0, v_pred=True, sampler=sampler)
+    assert torch.isfinite(out).all() and torch.allclose(out[0], x0, atol=1e-3)
+
+
 def test_schedules_place_the_steps_like_the_webui_samplers():
     ac = _alphas()
     assert euler_timesteps(ac, 4).tolist() == [999, 666, 333, 0]

@@ -19,6 +19,8 @@ from trainer.errors import SettingsError
 from trainer.models.bundle import Cond
 
 Predict = Callable[[torch.Tensor, torch.Tensor, Cond], torch.Tensor]
+# zero-terminal-SNR schedules end at ᾱ = 0, i.e. σ = ∞; like A1111, start from this ᾱ instead (σ_max ≈ 4500)
+ZERO_SNR_ALPHA_BAR = 4.8973451890853435e-08
 
 
 def euler_timesteps(alphas_cumprod: torch.Tensor, steps: int) -> torch.Tensor:
@@ -85,7 +87,7 @@ def sample_latents(
     Raises:
         SettingsError: an unknown sampler.
     """
-    ac = alphas_cumprod.detach().float().cpu()
+    ac = alphas_cumprod.detach().float().cpu().clamp_min(ZERO_SNR_ALPHA_BAR)
     ts = pick_schedule(sampler)(ac, steps)
     sigmas = torch.cat([_sigma(ac, ts), torch.zeros(1, dtype=torch.float64)])
     guided = uncond is not None and cfg_scale != 1.0
