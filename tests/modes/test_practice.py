@@ -79,6 +79,8 @@ def test_count_steps_cli_prints_the_plan_without_training(tmp_path, capsys):
     assert code == 0
     assert capsys.readouterr().out.strip() == "80 steps = 10 epochs × 8 batches (8 samples from 4 images (repeats 1–3) / batch 1)"
     assert not (tmp_path / "out").exists()
+    assert main(["train", "--mode", "LoRA", "--set", f"lora_data_directory={tmp_path / 'nope'}", "--count-steps"]) == 2
+    assert "lora_data_directory" in capsys.readouterr().err
 
 
 def test_uncaptioned_images_in_kohya_folders_are_captioned_with_the_folder_class(tmp_path):
