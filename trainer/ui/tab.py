@@ -441,7 +441,7 @@ class TrainTab:
         elif last is not None and seen["reported"] != shown:
             message, seen["reported"] = panels.result_line(last), shown
         gallery = compat.update()
-        previews = self.worker.previews()[:MAX_PREVIEWS] if hasattr(self.worker, "previews") else []
+        previews = self.worker.previews()[:MAX_PREVIEWS]
         shown_previews = [e.path for e in previews]
         if shown_previews != seen.get("previews", []):
             gallery, seen["previews"] = compat.update(value=gallery_items(previews)), shown_previews
