@@ -14,7 +14,7 @@ from typing import Any
 
 from trainer.errors import SettingsError, ValidationError
 from trainer.modes import MODES
-from trainer.modes.dataset import resolve_steps
+from trainer.modes.dataset import resolve_epochs
 from trainer.modes.setup import OutputPlan, RunContext
 from trainer.paths import safe_name
 from trainer.progress import Events
@@ -60,9 +60,8 @@ def run_job(
         raise SettingsError("mode", f"unknown '{settings.mode}'; choose one of {', '.join(MODES)}")
     recipe = MODES[settings.mode]
     # train_epochs sets train_iterations from the dataset (before outputs are planned: step files depend on it)
-    settings, steps = resolve_steps(settings, world_size=world_size)
-    if steps is not None:
-        events.info(steps.line())
+    early_notes: list[str] = []
+    settings, dataset = resolve_epochs(settings, world_size=world_size, note=early_notes.append)
     seed = resolve_seed(settings.train_seed)
     stamp = time.strftime("%Y%m%d_%H%M%S")
     out = OutputPlan(host.lora_dir(), safe_name(settings.save_lora_name, "save_lora_name"), stamp,
@@ -82,6 +81,9 @@ def run_job(
                                 grad_sync=grad_sync)
         for note in getattr(bundle, "notes", ()):  # what the host could not do (e.g. TE training on OpenCLIP)
             ctx.note(note)
+        for note in early_notes:
+            ctx.note(note)
+        ctx.dataset = dataset
         watch = _vram_watch(settings, bundle, events)
         try:
             outcome = recipe.run(ctx)

@@ -53,11 +53,17 @@ def test_epochs_times_repeats_set_the_steps_show_the_plan_and_save_each_epoch(tr
 
     original = progress.Events.__init__
     monkeypatch.setattr(progress.Events, "__init__", lambda self, sinks=None: original(self, [*(sinks or []), epochs]))
+    import trainer.data.plan as planning
+
+    opened: list[str] = []
+    real_open = planning.open_image
+    monkeypatch.setattr(planning, "open_image", lambda path: opened.append(str(path)) or real_open(path))
     result = trainer.run(mode="LoRA", model="tiny-sd1", lora_data_directory=str(data), train_epochs=3,
                          save_every_n_epochs=1, train_iterations=999, save_lora_name="ep", effect_check=False)
     # 2 images x 3 repeats + 2 x 1 = 8 samples per epoch, batch 2 -> 4 batches; 3 epochs -> 12 steps
     assert result["status"] == "done" and result["steps"] == 12
     assert [int(r["step"]) for r in result["history"].rows] == list(range(1, 13))
+    assert len(opened) == 4  # the folder is planned once: the step count's plan is the one trained on
     lines = [m.text for m in result["history"].messages]
     assert "12 steps = 3 epochs × 4 batches (8 samples from 4 images (repeats 1–3) / batch 2)" in lines
     assert [epochs.by_step[k] for k in (1, 4, 5, 8, 9, 12)] == [(1, 3), (1, 3), (2, 3), (2, 3), (3, 3), (3, 3)]

@@ -142,7 +142,7 @@ def plan_steps(s, plan: DataPlan | PairPlan | None = None, *, world_size: int = 
         InputError: the dataset cannot be planned (missing folder, no images, no pairs).
     """
     if plan is None:
-        plan = plan_lora_data(s) if s.mode == "LoRA" else plan_pair_data(s)
+        plan = plan_dataset(s)
     counts = planned_counts(plan)
     batcher = BucketBatcher(counts, int(s.train_batch_size), 0, 0, world_size)
     per_epoch = batcher.steps_per_epoch
@@ -162,17 +162,20 @@ def _has_reg(plan: DataPlan | PairPlan) -> bool:
     return isinstance(plan, DataPlan) and any(x.is_reg for x in plan.samples)
 
 
-def resolve_steps(s, *, world_size: int = 1) -> tuple[Any, StepPlan | None]:
-    """The settings with ``train_iterations`` set from ``train_epochs`` (when given), and the step plan.
+def plan_dataset(s, note: Callable[[str], None] = lambda _: None) -> DataPlan | PairPlan:
+    """The plan of a dataset mode's folder (LoRA: images and reg images; Multi-ADDifT: pairs)."""
+    return plan_lora_data(s, note) if s.mode == "LoRA" else plan_pair_data(s)
 
-    Non-dataset modes come back unchanged with no plan.
+
+def resolve_epochs(s, *, world_size: int = 1, note: Callable[[str], None] = lambda _: None
+                   ) -> tuple[Any, DataPlan | PairPlan | None]:
+    """With ``train_epochs`` set, the settings with ``train_iterations`` counted from the dataset, and the
+    plan that counted them (the mode reuses it: planning decodes every image once). Otherwise ``s`` and None.
     """
-    if s.mode not in DATASET_MODES:
+    if s.mode not in DATASET_MODES or int(s.train_epochs) <= 0:
         return s, None
-    steps = plan_steps(s, world_size=world_size)
-    if steps.from_epochs:
-        s = s.replace(train_iterations=steps.steps)
-    return s, steps
+    plan = plan_dataset(s, note)
+    return s.replace(train_iterations=plan_steps(s, plan, world_size=world_size).steps), plan
 
 
 def describe_steps(s) -> str:

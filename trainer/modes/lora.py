@@ -15,7 +15,7 @@ import torch
 from trainer.data import BucketBatcher, CaptionAugment
 from trainer.effect import measure_effect
 from trainer.modes.common import sample_timesteps, save_steps
-from trainer.modes.dataset import dataset_metadata, plan_lora_data
+from trainer.modes.dataset import dataset_metadata, plan_lora_data, plan_steps
 from trainer.modes.setup import (
     CaptionEncoder,
     ModeOutcome,
@@ -33,8 +33,10 @@ def planned_suffixes(s) -> list[str]:
 
 
 def load_dataset(ctx: RunContext, s):
-    """Scan, plan (buckets, sub-images, mirrors, repeats, masks, reg images) and encode the image folder."""
-    plan = plan_lora_data(s, ctx.note)
+    """Scan, plan (buckets, sub-images, mirrors, repeats, masks, reg images) and encode the image folder;
+    the run's length goes to the log first."""
+    plan = ctx.dataset if ctx.dataset is not None else plan_lora_data(s, ctx.note)
+    ctx.events.info(plan_steps(s, plan, world_size=ctx.world_size).line())
     return plan, encode_dataset_images(ctx, plan)
 
 

@@ -14,7 +14,7 @@ import torch
 from trainer.data import BucketBatcher
 from trainer.effect import measure_effect
 from trainer.modes.addift import addift_loss
-from trainer.modes.dataset import dataset_metadata, plan_pair_data
+from trainer.modes.dataset import dataset_metadata, plan_pair_data, plan_steps
 from trainer.modes.lora import caption_augment
 from trainer.modes.setup import (
     CaptionEncoder,
@@ -35,7 +35,8 @@ def planned_suffixes(s) -> list[str]:
 
 def run(ctx: RunContext) -> ModeOutcome:
     s, bundle = ctx.settings, ctx.bundle
-    plan = plan_pair_data(s)
+    plan = ctx.dataset if ctx.dataset is not None else plan_pair_data(s)
+    ctx.events.info(plan_steps(s, plan, world_size=ctx.world_size).line())
     data = encode_dataset_images(ctx, plan, pairs=True)
     batcher = ctx.track("batcher", BucketBatcher(data, int(s.train_batch_size), ctx.seed, ctx.rank, ctx.world_size))
     bundle.offload("vae")

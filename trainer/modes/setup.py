@@ -90,6 +90,7 @@ class RunContext:
     generators: dict[int, torch.Generator] = field(default_factory=dict)  # saved in resume states
     tracked: dict[str, Any] = field(default_factory=dict)  # other resumable parts (the data batcher)
     frozen_networks: dict[str, Any] = field(default_factory=dict)  # e.g. the copier under pass 2, kept in states
+    dataset: Any = None  # the dataset plan when the runner made it already (train_epochs), else None
 
     @staticmethod
     def create(settings, bundle, events: Events, stop, out: OutputPlan, seed: int, *, rank: int = 0,
