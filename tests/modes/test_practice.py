@@ -292,6 +292,22 @@ def test_noise_and_min_snr_reach_every_noised_mode(mode, trainer, image_folder, 
     assert load_lora(noisy["lora_path"])[1]["ss_noise_offset"] == "0.1"
 
 
+def test_difference_pass_2_draws_noise_with_its_own_settings(trainer, image_pair, monkeypatch):
+    seen: list[float] = []
+    original = NoiseControls.draw
+
+    def spy(self, *args, **kwargs):
+        seen.append(self.offset)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(NoiseControls, "draw", spy)
+    result = trainer.run(mode="Difference", model="tiny-sd1", train_iterations=2, effect_check=False,
+                         noise_offset=0.05, save_lora_name="diff2", **{"original image": str(image_pair[0]),
+                         "target image": str(image_pair[1]), "2nd pass": {"use_2nd_pass_settings": True,
+                         "noise_offset": 0.2, "train_iterations": 3}})
+    assert result["status"] == "done" and seen == [0.05] * 2 + [0.2] * 3
+
+
 @pytest.mark.parametrize("v_pred", [False, True])
 def test_min_snr_weights_follow_the_formula_from_alphas_cumprod(v_pred):
     from trainer.modes.common import DenoiseLoss, NoiseSchedule

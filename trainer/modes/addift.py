@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from trainer.effect import measure_effect
-from trainer.modes.common import check_timestep_range
+from trainer.modes.common import NoiseControls, check_timestep_range
 from trainer.modes.inputs import encode_prompt_pair, load_image_pair
 from trainer.modes.setup import ModeOutcome, RunContext, build_adapters, finish, run_pass
 
@@ -43,6 +43,7 @@ def decile_timestep(step: int, lo: int, hi: int) -> int:
 def addift_loss(ctx: RunContext, s, network, draw: Callable[[int], tuple]) -> Callable[[int], torch.Tensor]:
     """The shared ADDifT step. ``draw(step)`` returns (x_orig, x_targ, c_orig, c_targ, mask | None)."""
     bundle, loss_fn, gen = ctx.bundle, ctx.loss_fn(s), ctx.generator(1)
+    noise = NoiseControls.from_settings(s)  # s: this pass's settings
     lo, hi = int(s.train_min_timesteps), int(s.train_max_timesteps)
     check_timestep_range(lo, hi)
     ratio, revert = float(s.diff_alt_ratio), bool(s.diff_revert_original_target)
@@ -54,7 +55,7 @@ def addift_loss(ctx: RunContext, s, network, draw: Callable[[int], tuple]) -> Ca
             x_o, x_t, c_o, c_t = x_t, x_o, c_t, c_o
         forward = step % 2 == 0
         t = torch.full((x_o.shape[0],), decile_timestep(step, lo, hi), device=x_o.device, dtype=torch.long)
-        eps = ctx.draw_noise(x_o, gen)
+        eps = noise.like(x_o, gen)
         if ratio < 0 and not forward:
             x_o = x_t = eps  # regulariser: on pure noise the negative LoRA must change nothing
         a_in = ctx.noise.add_noise(x_o if forward else x_t, eps, t)

@@ -53,8 +53,7 @@ class NoiseControls:
 
     @classmethod
     def from_settings(cls, s) -> NoiseControls:
-        return cls(float(getattr(s, "noise_offset", 0.0) or 0.0), int(getattr(s, "multires_noise_iterations", 0) or 0),
-                   float(getattr(s, "multires_noise_discount", 0.3) or 0.3))
+        return cls(float(s.noise_offset), int(s.multires_noise_iterations), float(s.multires_noise_discount))
 
     def draw(self, shape: tuple[int, ...], generator: torch.Generator, device: torch.device,
              dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -67,6 +66,10 @@ class NoiseControls:
         if self.multires_iterations > 0:
             eps = self._pyramid(eps, generator)
         return eps.to(device)
+
+    def like(self, x: torch.Tensor, generator: torch.Generator, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Noise shaped like ``x`` and on its device."""
+        return self.draw(tuple(x.shape), generator, x.device, dtype)
 
     def _pyramid(self, eps: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Add up-sampled coarse noise levels (each 2-4x smaller, weight discount^i), then renormalise."""

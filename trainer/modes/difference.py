@@ -15,7 +15,7 @@ import torch
 
 from trainer.effect import measure_effect
 from trainer.errors import InputError, SettingsError
-from trainer.modes.common import check_timestep_range, sample_timesteps, save_steps
+from trainer.modes.common import NoiseControls, check_timestep_range, sample_timesteps, save_steps
 from trainer.modes.inputs import encode_prompt_pair, load_image_pair
 from trainer.modes.resume import read_state
 from trainer.modes.setup import ModeOutcome, RunContext, build_adapters, finish, run_pass, save_network
@@ -47,14 +47,14 @@ def resolve_copier(ctx: RunContext, value: str) -> Path:
 
 def denoise_loss(ctx: RunContext, s, latent: torch.Tensor, cond, gen: torch.Generator):
     """A loss_step that trains the denoising objective on one latent repeated over the batch."""
-    bundle, loss_fn = ctx.bundle, ctx.loss_fn(s)
+    bundle, loss_fn, noise = ctx.bundle, ctx.loss_fn(s), NoiseControls.from_settings(s)  # s: this pass's
     batch = int(s.train_batch_size)
     lo, hi, fixed = int(s.train_min_timesteps), int(s.train_max_timesteps), bool(s.train_fixed_timsteps_in_batch)
     check_timestep_range(lo, hi)
     x0, cond = latent.expand(batch, *latent.shape[1:]), cond.repeat(batch)
 
     def loss_step(step: int) -> torch.Tensor:
-        eps = ctx.draw_noise(x0, gen)
+        eps = noise.like(x0, gen)
         t = sample_timesteps(batch, lo, hi, fixed_in_batch=fixed, generator=gen, device=x0.device)
         pred = bundle.predict(ctx.noise.add_noise(x0, eps, t), t, cond)
         return loss_fn(pred, ctx.noise.v_target(x0, eps, t) if bundle.v_pred else eps, t)

@@ -14,7 +14,7 @@ import torch
 
 from trainer.data import BucketBatcher, CaptionAugment
 from trainer.effect import measure_effect
-from trainer.modes.common import sample_timesteps, save_steps
+from trainer.modes.common import NoiseControls, sample_timesteps, save_steps
 from trainer.modes.dataset import dataset_metadata, plan_lora_data, plan_steps
 from trainer.modes.setup import (
     CaptionEncoder,
@@ -63,7 +63,7 @@ def run(ctx: RunContext) -> ModeOutcome:
     if not encode.per_step:
         bundle.offload("text_encoders")
     bundle.set_gradient_checkpointing(bool(s.use_gradient_checkpointing))
-    gen, loss_fn = ctx.generator(1), ctx.loss_fn(s)
+    gen, loss_fn, noise = ctx.generator(1), ctx.loss_fn(s), NoiseControls.from_settings(s)
     lo, hi, fixed = int(s.train_min_timesteps), int(s.train_max_timesteps), bool(s.train_fixed_timsteps_in_batch)
     masked, reg = bool(s.masked_loss), any(x.is_reg for x in plan.samples)
     prior = float(s.prior_loss_weight)
@@ -72,7 +72,7 @@ def run(ctx: RunContext) -> ModeOutcome:
         ref = next(batcher)
         batch = data.gather(ref.bucket_index, list(ref.indices))
         x0 = batch.latents
-        eps = ctx.draw_noise(x0, gen, x0.dtype)
+        eps = noise.like(x0, gen, x0.dtype)
         t = sample_timesteps(x0.shape[0], lo, hi, fixed_in_batch=fixed, generator=gen, device=x0.device)
         pred = bundle.predict(ctx.noise.add_noise(x0, eps, t), t, encode(batch.captions, step))
         target = ctx.noise.v_target(x0, eps, t) if bundle.v_pred else eps

@@ -19,7 +19,6 @@ from trainer.csvlog import CsvSink, csv_path
 from trainer.errors import SettingsError
 from trainer.modes.common import (
     DenoiseLoss,
-    NoiseControls,
     NoiseSchedule,
     PassResult,
     Precision,
@@ -132,10 +131,6 @@ class RunContext:
     def loss_fn(self, s) -> DenoiseLoss:
         return DenoiseLoss(s.train_loss_function, float(s.train_snr_gamma), bool(self.bundle.v_pred), self.noise)
 
-    def draw_noise(self, like: torch.Tensor, generator: torch.Generator, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """Training noise shaped like ``like`` with ``noise_offset`` / multires noise applied (off: one randn)."""
-        controls = NoiseControls.from_settings(self.settings)
-        return controls.draw(tuple(like.shape), generator, like.device, dtype)
 
 
 @dataclass
