@@ -59,7 +59,9 @@ def run(ctx: RunContext) -> ModeOutcome:
     # build adapters before caching captions: with BASE the text encoder runs with its adapters every step
     network = build_adapters(ctx, s, resume=s.network_resume)
     captions = [c for b in data.buckets for c in b.captions]
-    encode = CaptionEncoder(bundle, captions, caption_augment(ctx, s, captions), train_te=train_te)
+    # the keep_tokens note looks at training captions only: reg captions are short class names by design
+    augment = caption_augment(ctx, s, [x.caption for x in plan.samples if not x.is_reg])
+    encode = CaptionEncoder(bundle, captions, augment, train_te=train_te)
     if not encode.per_step:
         bundle.offload("text_encoders")
     bundle.set_gradient_checkpointing(bool(s.use_gradient_checkpointing))
