@@ -76,12 +76,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     settings = build_settings(args)
     if args.count_steps:  # a folder that cannot be counted fails like training would: one line, exit 2
-        from trainer.modes.dataset import DATASET_MODES, plan_steps
+        from trainer.modes.dataset import steps_line
 
-        if settings.mode not in DATASET_MODES:
-            print(f"{settings.train_iterations} steps ({settings.mode} has no dataset epochs)")
-        else:
-            print(plan_steps(settings).line())
+        print(steps_line(settings))
         return 0
     # under torchrun (WORLD_SIZE > 1) this joins the process group; otherwise a one-process no-op
     dp = distributed.from_env(args.device)

@@ -101,6 +101,7 @@ class StepPlan:
         batch_size: ``train_batch_size``.
         buckets: buckets holding samples.
         from_epochs: True when ``train_epochs`` set the step count.
+        kind: what the files are called in the line (``images``, or ``pairs`` for Multi-ADDifT).
     """
 
     steps: int
@@ -178,14 +179,23 @@ def resolve_epochs(s, *, world_size: int = 1, note: Callable[[str], None] = lamb
     return s.replace(train_iterations=plan_steps(s, plan, world_size=world_size).steps), plan
 
 
-def describe_steps(s) -> str:
-    """The step summary for the tab and CLI, or one line saying why there is none."""
+def steps_line(s) -> str:
+    """The run's length in one line (``--count-steps``).
+
+    Raises:
+        InputError: the dataset cannot be planned.
+    """
     if s.mode not in DATASET_MODES:
         return f"{s.train_iterations} steps ({s.mode} has no dataset epochs)"
-    if not str(s.lora_data_directory).strip():
+    return plan_steps(s).line()
+
+
+def describe_steps(s) -> str:
+    """The step summary for the tab: :func:`steps_line`, or one line saying why there is none."""
+    if s.mode in DATASET_MODES and not str(s.lora_data_directory).strip():
         return "choose lora_data_directory to count images, repeats and epochs"
     try:
-        return plan_steps(s).line()
+        return steps_line(s)
     except InputError as err:
         return f"cannot count steps: {err}"
 
