@@ -900,7 +900,7 @@ def _check_practice(s: Settings, errors: list[SettingsError]) -> None:
         for key in ("caption_dropout_rate", "caption_tag_dropout_rate"):
             rate = s.raw[key]
             _check(errors, 0 <= float(rate) <= 1, key, f"{rate} is outside 0..1; use e.g. 0.05")
-    if s.mode == "LoRA" and s.reg_data_directory.strip():
+    if s.mode in FIELD_BY_KEY["reg_data_directory"].modes and s.reg_data_directory.strip():
         reg = Path(s.reg_data_directory.strip()).expanduser()
         _check(errors, reg.is_dir(), "reg_data_directory",
                f"folder {reg} does not exist; give the folder of regularization images or leave it empty")

@@ -19,8 +19,9 @@ from typing import Any
 from trainer.data import BucketBatcher, DataPlan, PairPlan, plan_pairs, plan_samples, planned_counts, scan_images
 from trainer.data.scan import ScanResult
 from trainer.errors import InputError
+from trainer.settings import FIELD_BY_KEY
 
-DATASET_MODES = ("LoRA", "Multi-ADDifT")
+DATASET_MODES = FIELD_BY_KEY["train_epochs"].modes  # the modes that train on a folder (the settings table says)
 REG_KEY = "reg_data_directory"
 
 

@@ -11,7 +11,7 @@ import json
 
 import torch
 
-from trainer.data import BucketBatcher
+from trainer.data import BucketBatcher, tag_frequency
 from trainer.effect import measure_effect
 from trainer.modes.addift import addift_loss
 from trainer.modes.dataset import dataset_metadata, plan_pair_data, plan_steps
@@ -63,12 +63,8 @@ def run(ctx: RunContext) -> ModeOutcome:
                               autocast=ctx.precision.autocast())
 
     counts = {f"{w}x{h}": n for (w, h), n in data.counts().items()}
-    tags: dict[str, int] = {}
-    for caption in captions:
-        for tag in filter(None, (t.strip() for t in caption.split(","))):
-            tags[tag] = tags.get(tag, 0) + 1
     extra = {"traintrain_data": str(s.lora_data_directory), "traintrain_diff_target_name": s.diff_target_name,
-             "traintrain_pairs": str(len(plan.pairs)), "ss_tag_frequency": json.dumps({"1": tags}),
+             "traintrain_pairs": str(len(plan.pairs)), "ss_tag_frequency": json.dumps({"1": tag_frequency(captions)}),
              "traintrain_timesteps": f"{s.train_min_timesteps},{s.train_max_timesteps}",
              **dataset_metadata(s, plan, batcher.steps_per_epoch)}
     sidecar = {"activation_text": s.lora_trigger_word, "preferred_weight": 1.0, "sd_version": bundle.family.name}
