@@ -110,6 +110,23 @@ def _error_panel(err: BaseException):
     return blocks
 
 
+# Fields whose value names something on this machine right now (the loaded model, a VAE, a preset file):
+# the Web-UI's ui-config.json must neither store nor restore them. A stored Model value (A1111 stores every
+# field's value at first launch) would swap that model in for every later job instead of training the one
+# loaded; "" is what means "the loaded model".
+NOT_IN_UI_CONFIG = ("tt_model", "tt_vae", "tt_preset", "tt_snapshot", "tt_queue_job", "tt_plot_log")
+
+
+def keep_out_of_ui_config(blocks: object) -> int:
+    """Mark the :data:`NOT_IN_UI_CONFIG` fields ``do_not_save_to_config`` (A1111/Forge's opt-out)."""
+    marked = 0
+    for component in getattr(blocks, "blocks", {}).values():
+        if getattr(component, "elem_id", None) in NOT_IN_UI_CONFIG:
+            component.do_not_save_to_config = True
+            marked += 1
+    return marked
+
+
 def build() -> list[tuple[object, str, str]]:
     """The ``on_ui_tabs`` callback: our tab, or an error panel in its place."""
     try:
@@ -119,6 +136,7 @@ def build() -> list[tuple[object, str, str]]:
         blocks = _submodule("ui.tab").build_tab(
             worker, host, presets_dir=EXT_DIR / "presets", json_root=EXT_DIR / "json", logs_root=EXT_DIR / "logs"
         )
+        keep_out_of_ui_config(blocks)
     except Exception as err:  # the tab must show why it failed instead of taking the Web-UI down
         traceback.print_exc()
         blocks = _error_panel(err)

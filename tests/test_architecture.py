@@ -22,3 +22,22 @@ def test_core_imports_without_host_libraries():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "ok []"
+
+
+def test_models_and_the_core_never_import_a_host():
+    """Hosts sit at the edge and hand what they own to the bundle (e.g. A1111's preview renderer);
+    ``trainer/models``, modes, network, data and sampling never import ``trainer.hosts`` (except the
+    protocol in ``hosts/base.py``)."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "trainer"
+    offenders = []
+    for package in ("models", "modes", "network", "data", "sampling"):
+        for path in sorted((root / package).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                    [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+                offenders += [f"{path.relative_to(root)}: {n}" for n in names
+                              if n.startswith("trainer.hosts") and n != "trainer.hosts.base"]
+    assert offenders == []

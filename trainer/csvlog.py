@@ -31,9 +31,20 @@ def csv_path(logs_root: str | os.PathLike[str], name: str, stamp: str, suffix: s
     return Path(logs_root) / stamp[:8] / f"{name}-{stamp}{suffix}.csv"
 
 
+def run_dir(logs_root: str | os.PathLike[str], name: str, stamp: str) -> Path:
+    """``logs/<YYYYMMDD>/<name>-<YYYYMMDD_HHMMSS>``: the run's own folder, beside its CSV."""
+    return Path(logs_root) / stamp[:8] / f"{name}-{stamp}"
+
+
 def samples_dir(logs_root: str | os.PathLike[str], name: str, stamp: str) -> Path:
-    """``logs/<YYYYMMDD>/<name>-<YYYYMMDD_HHMMSS>/samples``: the run's preview images, beside its CSV."""
-    return Path(logs_root) / stamp[:8] / f"{name}-{stamp}" / "samples"
+    """``<run_dir>/samples``: the run's preview images."""
+    return run_dir(logs_root, name, stamp) / "samples"
+
+
+def resume_dir(logs_root: str | os.PathLike[str], name: str, stamp: str) -> Path:
+    """``<run_dir>/resume``: the run's resume states (never in the LoRA folder, where Web-UIs list every
+    ``*.pt`` as a LoRA and refuse these as "may be malicious")."""
+    return run_dir(logs_root, name, stamp) / "resume"
 
 
 class CsvSink:

@@ -66,6 +66,42 @@ class WriteError(InputError, OSError):
         self.errno = err.errno
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where the system tells it (Linux), else set and put
+    back at once."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def temp_beside(target: Path) -> tuple[int, str]:
+    """A temp file in ``target``'s folder, with the mode a plain ``open(target, "w")`` would give.
+
+    ``mkstemp`` creates 0600 whatever the umask; a LoRA a user shares or a Web-UI in another account
+    reads must get the ordinary 0666 & ~umask (measured: files were 0600 under umask 022).
+
+    Returns:
+        ``(fd, path)`` as :func:`tempfile.mkstemp`.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    if hasattr(os, "fchmod"):  # POSIX; Windows has no such modes
+        os.fchmod(fd, file_mode())
+    return fd, tmp
+
+
+def file_mode() -> int:
+    """The mode a new file gets from ``open()``: ``0o666 & ~umask``."""
+    return 0o666 & ~_umask()
+
+
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     """Write ``data`` to ``path`` through a temp file in the same folder, fsync, then rename.
 
@@ -74,8 +110,7 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     target = Path(path)
     tmp = None
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        fd, tmp = temp_beside(target)
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()

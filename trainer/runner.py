@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from trainer.csvlog import resume_dir
 from trainer.errors import SettingsError, ValidationError
 from trainer.modes import MODES
 from trainer.modes.dataset import resolve_epochs
@@ -64,9 +65,10 @@ def run_job(
     settings, dataset = resolve_epochs(settings, world_size=world_size, note=early_notes.append)
     seed = resolve_seed(settings.train_seed)
     stamp = time.strftime("%Y%m%d_%H%M%S")
-    out = OutputPlan(host.lora_dir(), safe_name(settings.save_lora_name, "save_lora_name"), stamp,
-                     bool(settings.save_overwrite), logs_root if settings.logging_save_csv else None,
-                     samples_root=logs_root)
+    name = safe_name(settings.save_lora_name, "save_lora_name")
+    states = resume_dir(logs_root, name, stamp) if logs_root is not None and settings.save_resume_state else None
+    out = OutputPlan(host.lora_dir(), name, stamp, bool(settings.save_overwrite),
+                     logs_root if settings.logging_save_csv else None, samples_root=logs_root, state_root=states)
     out.check_free(recipe.planned_suffixes(settings))
     snapshot = None
     if settings.save_as_json and json_root is not None and rank == 0:
@@ -104,6 +106,7 @@ def run_job(
         "effect": outcome.effect,
         "files": [str(p) for p, _ in outcome.saved],
         "snapshot": str(snapshot) if snapshot else None,
+        "resume_state": str(out.states[-1]) if out.states else None,
         "notes": list(outcome.notes),
     }
     result["message"] = _message(result)

@@ -301,6 +301,11 @@ FIELDS: tuple[Field, ...] = (
     _opt(1, "train_resume_state", str, "",
          "Path of a full resume state file (adapters + optimizer + step) to continue an interrupted run exactly. "
          "Empty = start fresh."),
+    _opt(1, "save_resume_state", bool, True,
+         "Write a resume state (adapters, optimizer, step, noise and data position) with every step, epoch and "
+         "stop save, into logs/<date>/<name>-<time>/resume/, never beside the LoRA (Web-UIs would list it as "
+         "one). Each is 3-6x the LoRA's size; off saves the disk but a stopped run cannot continue exactly.",
+         **_CH),
     _opt(2, "train_max_grad_norm", float, 0.0,
          "Clip the gradient norm to this value; guards against loss spikes. 0 = off. Typical: 1.", **_D2),
     _opt(3, "train_compile", bool, False,

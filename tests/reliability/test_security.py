@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import os
 import pickle
+import stat
 from pathlib import Path
 
 import pytest
@@ -231,3 +232,21 @@ def test_app_refuses_a_bad_auth(launched, capsys, auth):
     assert code == 2 and kwargs == {}
     out = capsys.readouterr().out
     assert "--auth" in out and "user:password" in out
+
+
+@pytest.mark.skipif(os.name != "posix", reason="file modes are POSIX")
+@pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_written_files_honour_the_umask(tmp_path, umask, mode):
+    """mkstemp creates 0600 whatever the umask: a LoRA a user shares (or a Web-UI under another account
+    reads) must be created like any other file (measured in A1111: LoRA and sidecar were 0600)."""
+    from trainer.models.checkpoint import _atomic_save
+
+    old = os.umask(umask)
+    try:
+        text = atomic_write_text(tmp_path / "card.json", "{}")
+        weights = tmp_path / "lora.safetensors"
+        _atomic_save({"w": torch.zeros(2)}, weights, {})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(text.stat().st_mode) == mode
+    assert stat.S_IMODE(weights.stat().st_mode) == mode

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 FAKE = Path(__file__).parent / "fake_webui"
-FAKE_NAMES = ("modules", "networks", "launch")
+FAKE_FORGE = Path(__file__).parent / "fake_forge"  # Forge / Forge Neo: only what differs from A1111
+FAKE_NAMES = ("modules", "networks", "launch", "modules_forge", "backend")
 
 
 def _drop_fake_modules() -> None:
@@ -68,3 +69,24 @@ def webui(fake_webui, models):
     fake_webui.sd_model.cond_stage_model.wrapped.transformer.requires_grad_(False)
     fake_webui.sd_model.first_stage_model.requires_grad_(False)
     return fake_webui
+
+
+@pytest.fixture
+def forge(fake_webui, models, monkeypatch, tmp_path):
+    """Forge Neo as a real build starts: checkpoints ``base`` (SD1) and ``xl`` (SDXL) listed, ``base``
+    selected in the dropdown, nothing loaded (``shared.sd_model`` is None until a generation, or a job,
+    calls ``forge_model_reload``, which builds the engine under inference mode)."""
+    _drop_fake_modules()
+    monkeypatch.syspath_prepend(str(FAKE_FORGE))
+    import fake_forge_models
+    from modules import paths, sd_models, shared
+
+    shared.reset()
+    shared.cmd_opts.lora_dir = str(tmp_path / "Lora")
+    paths.models_path = str(tmp_path / "models")
+    paths.data_path = str(tmp_path)
+    for title, make in (("base.safetensors [abc]", fake_forge_models.forge_sd1),
+                        ("xl.safetensors [def]", fake_forge_models.forge_sdxl)):
+        sd_models.checkpoints_list[title] = sd_models.CheckpointInfo(title, f"/m/{title.split()[0]}", title.split(".")[0], make)
+    sd_models.select("base.safetensors [abc]")
+    return shared

@@ -96,6 +96,36 @@ def test_tab_failure_shows_error_panel(fake_webui, monkeypatch):
     assert script.build() == [("PANEL: no hosts.webui", "TrainTrain", "traintrain")]
 
 
+@pytest.mark.parametrize("saved_by", ["first launch", "today's version"])
+def test_the_model_field_never_comes_from_ui_config(webui, tmp_path, saved_by):
+    """A1111 stores every field's value in ui-config.json at first launch and restores it at each start.
+    A stored Model value made every later job swap that model in (measured in A1111 1.10.1); "" must keep
+    meaning "the loaded model" whatever the file says, also a file an earlier version let it write."""
+    from modules import sd_models, ui_loadsave
+
+    from trainer.hosts.webui import WebUIHost
+
+    script = load_file(ROOT / "scripts" / "traintrain.py", "traintrain_script_ui_config")
+    (blocks, _, ifid), = script.build()
+    model = next(c for c in blocks.blocks.values() if getattr(c, "elem_id", None) == "tt_model")
+    vae = next(c for c in blocks.blocks.values() if getattr(c, "elem_id", None) == "tt_vae")
+    config = tmp_path / "ui-config.json"
+    if saved_by == "today's version":  # what the earlier version's tab let A1111 store
+        config.write_text(f'{{"{ifid}/{model.label}/value": "xl.safetensors [def]", '
+                          f'"{ifid}/{vae.label}/value": "better.vae.pt"}}', encoding="utf8")
+    loadsave = ui_loadsave.UiLoadsave(str(config))
+    loadsave.add_block(blocks, ifid)
+    loadsave.dump_defaults()
+    assert model.value in (None, "") and WebUIHost().default_model() == ""
+    stored = config.read_text(encoding="utf8")
+    assert f"/{model.label}/value" not in stored or saved_by == "today's version"
+    assert '"' + ifid + "/" in stored  # the Web-UI still keeps the other fields' values, as users expect
+    sd_models.loads.clear()
+    with WebUIHost().acquire(model.value or "", "", precision="fp32", v_pred=None) as bundle:
+        assert bundle.family.value == "sd1"  # the loaded model, no swap
+    assert sd_models.loads == []
+
+
 # -- install.py -------------------------------------------------------------------------------------
 
 A1111_110 = {  # what A1111 1.10.1 installs (requirements_versions.txt + launch_utils torch)

@@ -35,7 +35,7 @@ def test_host_protocol_and_lists(webui, tmp_path):
     assert isinstance(host, Host) and host.name == "a1111"
     assert host.list_models() == ["base.safetensors [abc]", "xl.safetensors [def]"]
     assert host.list_vaes() == ["", "better.vae.pt"]
-    assert host.default_model() == "base.safetensors [abc]"
+    assert host.default_model() == "" and host.loaded_model() == "base.safetensors [abc]"  # "" = the loaded one
     assert host.lora_dir() == tmp_path / "Lora" and (tmp_path / "Lora").is_dir()
     host.report(3, 10, "step 3/10")
     assert (webui.state.sampling_step, webui.state.sampling_steps, webui.state.textinfo) == (3, 10, "step 3/10")
@@ -157,62 +157,6 @@ def test_unknown_model_refused(webui):
     with pytest.raises(TrainTrainError, match="not one of the Web-UI's checkpoints"):
         with WebUIHost().acquire("nope", "", precision="fp32", v_pred=None):
             pass
-
-
-class _Patcher:
-    def __init__(self, model):
-        self.model = model
-
-
-class ForgeModel:
-    """Forge's backend engine (not an nn.Module): conditioning and VAE in inference mode, the U-Net
-    under forge_objects, ``cond_stage_model``/``first_stage_model`` set to None."""
-
-    is_sd1 = True
-    cond_stage_model = first_stage_model = None
-
-    def __init__(self, ldm, storage=torch.float32):
-        self.ldm = ldm
-        km = torch.nn.Module()
-        km.diffusion_model = ldm.model.diffusion_model
-        km.storage_dtype = storage
-        km.predictor = type("PredictionEpsilon", (), {"alphas_cumprod": ldm.alphas_cumprod, "prediction_type": "epsilon"})()
-        clip = type("Clip", (), {"cond_stage_model": ldm.cond_stage_model})()
-        vae = type("Vae", (), {"first_stage_model": ldm.first_stage_model})()
-        self.forge_objects = type("FO", (), {"unet": _Patcher(km), "clip": clip, "vae": vae})()
-
-    @torch.inference_mode()
-    def get_learned_conditioning(self, prompts):
-        return self.ldm.get_learned_conditioning(prompts)
-
-    @torch.inference_mode()
-    def encode_first_stage(self, x):
-        return self.ldm.get_first_stage_encoding(self.ldm.encode_first_stage(x))
-
-
-def test_forge_quantized_refused(webui, models):
-    webui.sd_model = ForgeModel(models.LatentDiffusion(seed=1), storage=torch.float8_e4m3fn)
-    with pytest.raises(TrainTrainError, match="Forge stores this U-Net"):
-        with WebUIHost("forge").acquire("", "", precision="fp16", v_pred=None):
-            pass
-
-
-def test_forge_unet_trains_through_inference_mode_conditioning(webui, models):
-    ldm = models.LatentDiffusion(seed=1)
-    webui.sd_model = ForgeModel(ldm)
-    before = fingerprint(ldm)
-    assert any(before["requires_grad"])
-    with WebUIHost("forge").acquire("", "", precision="fp32", v_pred=None) as bundle:
-        assert not any(p.requires_grad for p in ldm.parameters())
-        assert bundle.forge and bundle.text_encoders == {}
-        cond = bundle.encode_prompts(["a", "b"])
-        z = bundle.encode_images(torch.zeros(2, 3, 64, 64), torch.Generator().manual_seed(0))
-        lin = bundle.unet.middle_block[1].proj_out
-        extra = torch.nn.Parameter(torch.zeros_like(lin.weight))
-        lin.forward = lambda x: torch.nn.functional.conv2d(x, lin.weight + extra, lin.bias) if lin.weight.ndim == 4 else torch.nn.functional.linear(x, lin.weight + extra, lin.bias)
-        bundle.predict(z, torch.tensor([1, 2]), cond).square().mean().backward()
-        assert extra.grad.abs().sum() > 0
-    assert fingerprint(ldm) == before
 
 
 @pytest.mark.parametrize("source", ["option", "model_flag", "none"])

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from trainer.errors import TrainTrainError
-from trainer.models.webui_runtime import WebUIBundle
+from trainer.models.webui_runtime import WebUIBundle, own_inference_weights
 
 log = logging.getLogger("traintrain")
 
@@ -66,6 +66,18 @@ def model_roots(sd_model: Any) -> nn.Module:
 _ABSENT = object()
 
 
+def _set_requires_grad(p: torch.Tensor, flag: bool) -> None:
+    """Set ``requires_grad`` only where it differs. Forge builds its model under ``inference_mode``:
+    torch refuses ``requires_grad_(True)`` on such a tensor outside inference mode, inside it is allowed."""
+    if p.requires_grad == flag:
+        return
+    if flag and p.is_inference():
+        with torch.inference_mode():
+            p.requires_grad_(True)
+    else:
+        p.requires_grad_(flag)
+
+
 class _Snapshot:
     """Everything about the model that training may touch and the host must put back."""
 
@@ -93,19 +105,26 @@ class _Snapshot:
         remaining = [k for k in _instance_forwards(self.model) if k not in self.forwards]
         assert not remaining, f"{len(remaining)} instance forwards remain after restore"
         moved = 0
+        failed: list[str] = []
         with torch.no_grad():
             for p, flag, device, dtype in self.params:
-                p.grad = None
-                if p.device != device or p.dtype != dtype:
-                    p.data = p.data.to(device=device, dtype=dtype)
-                    moved += 1
-                p.requires_grad_(flag)
+                # one parameter that cannot be put back must not stop the rest: collect, report once
+                try:
+                    p.grad = None
+                    if p.device != device or p.dtype != dtype:
+                        p.data = p.data.to(device=device, dtype=dtype)
+                        moved += 1
+                    _set_requires_grad(p, flag)
+                except RuntimeError as err:
+                    failed.append(f"{tuple(p.shape)}: {err}")
             for b, device, dtype in self.buffers:
                 if b.device != device or b.dtype != dtype:
                     b.data = b.data.to(device=device, dtype=dtype)
                     moved += 1
         if moved:
             repaired.append(f"moved {moved} parameters back to their device/dtype")
+        if failed:
+            repaired.append(f"{len(failed)} parameters could not be restored, first: {failed[0]}")
         for m, flag in self.training:
             m.training = flag
         changed = 0
@@ -154,6 +173,13 @@ class WebUIHost:
         return [""] + list(sd_vae.vae_dict)
 
     def default_model(self) -> str:
+        """Always "": an empty Model field means the model the Web-UI has loaded when the job starts.
+        A name here would be stored by the Web-UI's ui-config.json as the field's value at first launch
+        and later swap that (stale) model in for every job (measured in A1111 1.10.1)."""
+        return ""
+
+    def loaded_model(self) -> str:
+        """The title of the checkpoint the Web-UI has loaded (or selected, on Forge), for display."""
         shared = _modules()
         info = getattr(shared.sd_model, "sd_checkpoint_info", None)
         return str(getattr(info, "title", None) or getattr(shared.opts, "sd_model_checkpoint", "") or "")
@@ -226,6 +252,8 @@ class WebUIHost:
         with queue_lock:
             shared.state.begin(job="traintrain")
             try:
+                if self.name == "forge":
+                    _forge_load_selected()
                 with self._loaded(model, vae):
                     yield from self._span(shared, precision=precision, v_pred=v_pred, medvram=medvram)
             finally:
@@ -234,20 +262,28 @@ class WebUIHost:
 
     def _span(self, shared: Any, *, precision: str, v_pred: bool | None, medvram: bool) -> Iterator[WebUIBundle]:
         sd_model = shared.sd_model
-        if self.name == "forge" or hasattr(sd_model, "forge_objects"):
+        forge = hasattr(sd_model, "forge_objects")
+        if not forge and not isinstance(sd_model, nn.Module):
+            raise TrainTrainError("model: the Web-UI has no model loaded; pick a checkpoint in its checkpoint "
+                                  "dropdown (or generate once) and start again")
+        if forge:
             _forge_prepare(sd_model)
+            # Forge builds its weights under inference_mode: autograd needs normal tensors
+            owned = own_inference_weights(sd_model.forge_objects.unet.model)
+            if owned:
+                log.info("TrainTrain: %d U-Net weights were inference tensors; now normal tensors", owned)
         else:
             _undo_merged_lora(sd_model)
         model_id = id(sd_model)
         root = model_roots(sd_model)
         snap = _Snapshot(root)
         for p in root.parameters():
-            p.requires_grad_(False)
+            _set_requires_grad(p, False)
         bundle = None
         try:
             zero_snr_option = getattr(shared.opts, "sd_noise_schedule", "Default") == "Zero Terminal SNR"
             bundle = WebUIBundle(sd_model, device=_device(root), v_pred=v_pred, medvram=medvram,
-                                 zero_snr_option=zero_snr_option)
+                                 zero_snr_option=zero_snr_option, renderer=None if forge else _a1111_renderer)
             bundle.notes[:0] = self.notes
             if precision and _DTYPES.get(precision) not in (None, bundle.dtype):
                 bundle.notes.append(f"precision {precision} ignored: the Web-UI's model stays in {str(bundle.dtype).replace('torch.', '')} (trained in place)")
@@ -341,6 +377,35 @@ def _undo_merged_lora(sd_model: Any) -> None:
     left = sum(1 for m in sd_model.modules() if getattr(m, "network_current_names", ()))
     if left:
         raise TrainTrainError(f"{left} modules still hold a merged Lora; generate once without <lora:...> and retry")
+
+
+def _a1111_renderer(bundle: WebUIBundle) -> Any:
+    from trainer.hosts.webui_preview import A1111Renderer
+
+    return A1111Renderer(bundle)
+
+
+def _forge_load_selected() -> None:
+    """Forge and Forge Neo load the checkpoint selected in their dropdown only when a generation needs
+    it (``forge_model_reload``): until then ``shared.sd_model`` is None or a placeholder. Load it the
+    same way a generation does; a no-op when it is loaded already.
+
+    Raises:
+        TrainTrainError: no checkpoint is selected or it cannot be loaded.
+    """
+    from modules import sd_models
+
+    reload = getattr(sd_models, "forge_model_reload", None)
+    if reload is None:
+        return
+    try:
+        reload()
+    except (ValueError, AssertionError, KeyError) as err:
+        raise TrainTrainError(f"model: the Web-UI has no checkpoint selected ({err}); pick one in its checkpoint "
+                              "dropdown and start again") from err
+    except (OSError, RuntimeError) as err:
+        raise TrainTrainError(f"model: the Web-UI could not load its selected checkpoint ({err}); "
+                              "check that it generates, then start again") from err
 
 
 def _forge_prepare(sd_model: Any) -> None:

@@ -14,7 +14,6 @@ import json
 import os
 import pickle
 import struct
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +54,7 @@ from trainer.models.ldm import (
     vae_from_ldm,
 )
 from trainer.models.tokenizer import MAX_LENGTH, PAD_CLIP, PAD_OPEN_CLIP, tokenizer_for
+from trainer.paths import file_mode, temp_beside
 
 META_FAMILY = "traintrain.family"
 META_CONFIGS = "traintrain.configs"
@@ -139,11 +139,12 @@ def _atomic_save(state: dict[str, torch.Tensor], path: Path, metadata: dict[str,
     """safetensors ``save_file`` to a temp file in the same folder, fsync, rename (never half-written)."""
     from safetensors.torch import save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = temp_beside(path)
     os.close(fd)
     try:
         save_file(state, tmp, metadata=metadata)
+        if os.name == "posix":  # save_file recreates the file: give it the umask's mode again
+            os.chmod(tmp, file_mode())
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 import secrets
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
@@ -41,6 +41,7 @@ from trainer.errors import SettingsError, TrainTrainError
 from trainer.models import openclip
 from trainer.models.bundle import Cond, Family, UNetShape
 from trainer.models.components import rescale_zero_terminal_snr
+from trainer.models.inplace import OutOfPlaceAugmented
 
 TE_NOTE_FORGE = "text-encoder training is not supported on Forge (its conditioning runs in inference mode); the U-Net is trained"
 TE_NOTE_MEDVRAM = "text-encoder training is off under --medvram (the text encoder is swapped out while the U-Net runs)"
@@ -136,13 +137,51 @@ def _first_param(module: nn.Module | None) -> torch.nn.Parameter | None:
     return next(module.parameters(), None)
 
 
-def _checkpoint_forward(module: nn.Module):
+def own_inference_weights(root: nn.Module) -> int:
+    """Replace parameters and buffers that are inference tensors with normal copies; returns how many.
+
+    Forge and Forge Neo build their model inside ``torch.inference_mode()``: every weight is then an
+    inference tensor, which autograd cannot save for backward, and ``p.data = p.data.clone()`` does not
+    help ("Inference tensors do not track version counter"). New Parameter objects cloned outside
+    inference mode do, and the host generates with them as before. Shared weights stay shared. The host
+    keeps the copies after the job (putting the originals back would hold the model twice in memory).
+    """
+    done: dict[int, torch.Tensor] = {}
+    count = 0
+    with torch.inference_mode(False), torch.no_grad():
+        for module in root.modules():
+            for table, make in ((module._parameters, _param_copy), (module._buffers, _buffer_copy)):
+                for name, t in list(table.items()):
+                    if t is None or not t.is_inference():
+                        continue
+                    if id(t) not in done:
+                        done[id(t)] = make(t)
+                        count += 1
+                    table[name] = done[id(t)]
+    return count
+
+
+def _param_copy(p: torch.Tensor) -> nn.Parameter:
+    return nn.Parameter(p.clone(), requires_grad=p.requires_grad)
+
+
+def _buffer_copy(b: torch.Tensor) -> torch.Tensor:
+    return b.clone()
+
+
+def _checkpoint_forward(module: nn.Module, inplace_guard: bool = False):
     """An instance forward running ``type(module).forward`` (looked up per call, so class-level hijacks
-    underneath keep working) under non-reentrant checkpointing while grad is enabled."""
+    underneath keep working) under non-reentrant checkpointing while grad is enabled.
+
+    ``inplace_guard`` re-enters :class:`~trainer.models.inplace.OutOfPlaceAugmented` inside the
+    checkpointed function: its recomputation runs during backward, outside the caller's guard, and
+    non-reentrant checkpointing raises the same "modified by an inplace operation" error without it.
+    """
     from torch.utils.checkpoint import checkpoint
 
     def run(*args: Any, **kwargs: Any) -> Any:
-        return type(module).forward(module, *args, **kwargs)
+        with OutOfPlaceAugmented() if inplace_guard else nullcontext():
+            return type(module).forward(module, *args, **kwargs)
 
     def forward(*args: Any, **kwargs: Any) -> Any:
         if torch.is_grad_enabled():
@@ -179,6 +218,8 @@ class WebUIBundle:
         device: where training runs (``modules.devices.device``).
         v_pred: the user's choice; None reads the model's parameterization.
         medvram: the Web-UI runs with ``--medvram`` (text encoder is not trained).
+        renderer: the host's preview renderer, built from this bundle (A1111's txt2img path); None
+            renders previews with our own sampler.
         zero_snr_option: the Web-UI's "Noise schedule for sampling" is "Zero Terminal SNR". A1111 1.10
             rescales ᾱ only from that option; later A1111 and Forge also set ``sd_model.ztsnr`` from a
             ``ztsnr`` key in the checkpoint. Either makes training use the rescaled schedule too.
@@ -188,8 +229,9 @@ class WebUIBundle:
     vae_scale_factor = 8
 
     def __init__(self, sd_model: Any, *, device: torch.device, v_pred: bool | None = None, medvram: bool = False,
-                 zero_snr_option: bool = False) -> None:
+                 zero_snr_option: bool = False, renderer: Callable[[WebUIBundle], Any] | None = None) -> None:
         self.sd_model = sd_model
+        self._renderer = renderer
         self.forge = hasattr(sd_model, "forge_objects")
         if self.forge:
             self.unet = sd_model.forge_objects.unet.model.diffusion_model
@@ -337,6 +379,9 @@ class WebUIBundle:
         for emb in getattr(conditioner, "embedders", []) or []:
             if type(emb).__name__ == "ConcatTimestepEmbedderND":
                 size_dim = int(getattr(emb, "outdim", size_dim))
+        forge_embedder = getattr(self.sd_model, "embedder", None)  # Forge/Neo's SDXL engine: Timestep(256)
+        if self.forge and isinstance(getattr(forge_embedder, "dim", None), int):
+            size_dim = forge_embedder.dim
         pooled = first.in_features - SDXL_SIZE_VALUES * size_dim
         if pooled <= 0:
             raise TrainTrainError(f"SDXL label_emb takes {first.in_features} values, fewer than the size conditioning needs")
@@ -407,7 +452,9 @@ class WebUIBundle:
             self.device.type == "cpu" and self.dtype == torch.bfloat16
         )
         amp = torch.autocast(self.device.type, dtype=self.dtype) if half else nullcontext()
-        with amp:
+        # Forge's U-Net adds residuals in place (x += n), which autograd cannot differentiate through
+        guard = OutOfPlaceAugmented() if self.forge and torch.is_grad_enabled() else nullcontext()
+        with amp, guard:
             if self.forge:
                 out = self.unet(x, timesteps=t, context=context, y=y)
             elif y is not None:
@@ -422,7 +469,7 @@ class WebUIBundle:
         if enabled and not self._checkpointed:
             for m in self.unet.modules():
                 if type(m).__name__ in CHECKPOINTED_CLASSES and "forward" not in m.__dict__:
-                    m.forward = _checkpoint_forward(m)
+                    m.forward = _checkpoint_forward(m, inplace_guard=self.forge)
                     self._checkpointed.append(m)
         elif not enabled:
             for m in self._checkpointed:
@@ -471,11 +518,9 @@ class WebUIBundle:
         return self._own(pixels).float().clamp(-1, 1)
 
     def preview_renderer(self):
-        """A1111: previews through its own txt2img path (``trainer/hosts/webui_preview.py``). Forge: None,
-        so previews run our loop on this bundle (Forge's sampler re-patches the U-Net through its model
-        patcher, which in-place training bypasses; not verified, so not used)."""
-        if self.forge:
+        """The host's preview renderer (A1111: its own txt2img path, handed in by the host as
+        ``renderer``), or None: previews then run our loop on this bundle (Forge, whose sampler
+        re-patches the U-Net through its model patcher, which in-place training bypasses)."""
+        if self.forge or self._renderer is None:
             return None
-        from trainer.hosts.webui_preview import A1111Renderer
-
-        return A1111Renderer(self)
+        return self._renderer(self)

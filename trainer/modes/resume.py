@@ -1,4 +1,4 @@
-"""Full resume (R17): one state file beside each step/stop save holds everything needed to continue a
+"""Full resume (R17): one state file per step/stop save (in the run's ``resume/`` folder) holds everything needed to continue a
 run to the same result as an uninterrupted one: adapter weights (fp32), optimizer and schedule state,
 the step, the noise generators and the data position.
 """
@@ -20,10 +20,9 @@ SHAPE_KEYS = ("mode", "network_type", "network_rank", "network_alpha", "network_
               "network_blocks", "network_element", "train_batch_size", "train_iterations")
 
 
-def state_path(lora_path: str | Path) -> Path:
-    """``name_100steps.safetensors`` → ``name_100steps.state.pt``."""
-    path = Path(lora_path)
-    return path.with_name(path.name.removesuffix(".safetensors") + ".state.pt")
+def state_path(lora_path: str | Path, folder: str | Path) -> Path:
+    """``…/name_100steps.safetensors`` → ``folder/name_100steps.state.pt``."""
+    return Path(folder) / (Path(lora_path).name.removesuffix(".safetensors") + ".state.pt")
 
 
 def _describe(settings) -> dict[str, str]:

@@ -41,6 +41,8 @@ class OutputPlan:
     overwrite: bool
     logs_root: Path | None = None  # None: no CSV log
     samples_root: Path | None = None  # where preview images go (logs/), with or without a CSV
+    state_root: Path | None = None  # where resume states go (the run's resume/ folder); None: none written
+    states: list[Path] = field(default_factory=list)  # resume states written, oldest first
 
     def path(self, suffix: str = "") -> Path:
         return inside(self.lora_dir, f"{self.name}{suffix}.safetensors")
@@ -304,8 +306,9 @@ def run_pass(
             path = ctx.out.free_path(f"{suffix}{name}")
             written.append(save_network(ctx, s, network, path, steps=step or total, extra=extra))
         train_mode(optimizer.optimizer)
-        if ctx.is_main:  # the state to continue from this step (train mode: the optimizer as it trains)
-            save_state(state_path(path), step=int(step or total), pass_index=pass_index, settings=s, network=network,
+        if ctx.is_main and ctx.out.state_root is not None:  # to continue from this step (train mode: as it trains)
+            ctx.out.states.append(state_path(path, ctx.out.state_root))
+            save_state(ctx.out.states[-1], step=int(step or total), pass_index=pass_index, settings=s, network=network,
                        optimizer=optimizer.optimizer, schedule=schedule, generators=ctx.generators, tracked=ctx.tracked,
                        frozen=ctx.frozen_networks)
         return str(path)

@@ -1,0 +1,1 @@
+"""Fake of Forge's ``backend`` package: the memory manager TrainTrain calls."""
