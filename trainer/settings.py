@@ -350,7 +350,8 @@ FIELDS: tuple[Field, ...] = (
          modes=_DATASET),
     _opt(1, "masked_loss", bool, False,
          "Weight the loss per pixel by the image's alpha channel or a <name>_mask.png beside it (white = learn, "
-         "black = ignore), so backgrounds are not learned. Images without a mask count everywhere.",
+         "black = ignore), so backgrounds are not learned. Images without a mask count everywhere. As kohya, the "
+         "loss is averaged over all pixels, so a mask covering a quarter of the image gives a quarter of the loss.",
          modes=_LORA, **_CH),
     _opt(2, "noise_offset", float, 0.0,
          "Add a per-channel constant of this size to the training noise so the LoRA can learn very dark and "
@@ -359,7 +360,8 @@ FIELDS: tuple[Field, ...] = (
          "Multi-resolution (pyramid) noise levels added to the training noise; learns large-scale tone. "
          "Typical: 6-10; 0 = off.", modes=_NOISED, **_D2),
     _opt(2, "multires_noise_discount", float, 0.3,
-         "Weight falloff per multires noise level (lower = finer levels weaker). Typical: 0.3.", modes=_NOISED, **_D2),
+         "Weight of each coarser multires level: level i counts discount^i (lower = weaker coarse noise), "
+         "as kohya. Typical: 0.3; 0.8 with few images.", modes=_NOISED, **_D2),
     _opt(3, "sample_every_n_steps", int, 0,
          "Render preview images every N steps (and at the end) into logs/<run>/samples/, shown live in the tab. "
          "iLECO/Difference/ADDifT show a strip at LoRA weight -1, 0, +1. Costs time; 0 = off.", **_D2),
