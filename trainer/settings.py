@@ -244,7 +244,9 @@ FIELDS: tuple[Field, ...] = (
     _opt(2, "train_lr_step_rules", str, "",
          "piecewise_constant only: 'factor:step,...,final', e.g. 1:100,0.1:200,0.01.", **_D2),
     _opt(2, "train_lr_warmup_steps", int, 0,
-         "Steps of linear warm-up (diffusers schedulers). Stabilises the first steps. Typical: 0-100.", **_D2),
+         "Steps of linear warm-up from lr 0, for every scheduler but constant and piecewise_constant (as kohya); "
+         "torch schedulers (cosine_annealing, …) run over the steps after it. Stabilises the first steps. "
+         "Typical: 0-100.", **_D2),
     _opt(2, "train_lr_scheduler_num_cycles", int, 1,
          "Restarts of cosine_with_restarts. Typical: 1.", **_D2),
     _opt(2, "train_lr_scheduler_power", float, 1.0,
