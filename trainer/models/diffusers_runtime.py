@@ -145,15 +145,18 @@ class DiffusersBundle:
 
     # -- denoiser -------------------------------------------------------------------------------------
     def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Cond) -> torch.Tensor:
-        """Run the U-Net; returns float32. SDXL size conditioning is the pixel size of ``noisy``
-        ([h, w, 0, 0, h, w] with h, w = latent size x vae_scale_factor: a full, uncropped image)."""
+        """Run the U-Net; returns float32. SDXL size conditioning (``time_ids``) is ``cond.size`` (each
+        sample's original size, crop and bucket), else the pixel size of ``noisy`` as an uncropped image
+        ([h, w, 0, 0, h, w] with h, w = latent size x vae_scale_factor)."""
         added = None
         if self.family is Family.SDXL:
             assert cond.pooled is not None, "SDXL needs a pooled text embedding"
-            h, w = (s * self.vae_scale_factor for s in noisy.shape[-2:])
-            time_ids = torch.tensor([h, w, 0, 0, h, w], device=self.device, dtype=self.dtype)
-            added = {"text_embeds": cond.pooled.to(self.device, self.dtype),
-                     "time_ids": time_ids.expand(noisy.shape[0], 6)}
+            if cond.size is not None:
+                time_ids = cond.size.to(self.device, self.dtype)
+            else:
+                h, w = (s * self.vae_scale_factor for s in noisy.shape[-2:])
+                time_ids = torch.tensor([h, w, 0, 0, h, w], device=self.device, dtype=self.dtype).expand(noisy.shape[0], 6)
+            added = {"text_embeds": cond.pooled.to(self.device, self.dtype), "time_ids": time_ids}
         compiled = getattr(self, "_compiled", None)
         unet = self.unet if compiled is None else compiled
         out = unet(noisy.to(self.device, self.dtype), timesteps.to(self.device),

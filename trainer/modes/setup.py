@@ -436,7 +436,7 @@ class CaptionEncoder:
 
 
 def encode_dataset_images(ctx: RunContext, plan, *, pairs: bool = False):
-    """Encode a data plan's images once, in batches, with a seeded latent sample; keep them on the device."""
+    """Encode a data plan's images once, in batches, with a seeded latent sample; the latents stay on the CPU."""
     from trainer.data import encode_pairs, encode_samples
 
     bundle, gen = ctx.bundle, ctx.generator(7)
@@ -454,10 +454,8 @@ def encode_dataset_images(ctx: RunContext, plan, *, pairs: bool = False):
     cached = encoder(plan, encode, batch_size=8, cache_dir=cache_dir, cache_key=f"{bundle.name}|{ctx.settings.vae}")
     seconds = time.perf_counter() - started
     ctx.events.info(f"Encoded {total} in {seconds:.1f} s ({total / max(seconds, 1e-9):.1f}/s)")
-    for bucket in cached.buckets:  # cached latents live on the device: no host-to-device copy per step
-        for name in ("latents", "orig_latents", "targ_latents", "masks"):
-            if hasattr(bucket, name):
-                setattr(bucket, name, getattr(bucket, name).to(bundle.device))
+    # the latents stay on the CPU (data/cache.py's contract): each step's gather moves its own batch only,
+    # so a big SDXL folder does not fill the device's memory
     for warning in plan.warnings:
         ctx.note(warning)
     return cached
