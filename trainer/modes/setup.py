@@ -329,7 +329,8 @@ def run_pass(
     if int(getattr(s, "sample_every_n_steps", 0) or 0) > 0 and ctx.is_main:
         from trainer.sampling.hook import build_preview_hook
 
-        previews = build_preview_hook(ctx, s, network, pass_index=pass_index, total_steps=total)
+        previews = build_preview_hook(ctx, s, network, pass_index=pass_index, total_steps=total,
+                                      optimizer=optimizer.optimizer)
     try:
         result = train_pass(
             loss_step, total_steps=total, optimizer=optimizer, schedule=schedule, precision=ctx.precision,
