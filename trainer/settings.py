@@ -355,6 +355,11 @@ FIELDS: tuple[Field, ...] = (
          "black = ignore), so backgrounds are not learned. Images without a mask count everywhere. As kohya, the "
          "loss is averaged over all pixels, so a mask covering a quarter of the image gives a quarter of the loss.",
          modes=_LORA, **_CH),
+    _opt(2, "clip_skip", int, 1,
+         "Condition on the text encoder's N-th layer from the end, then its final norm (kohya's clip_skip, "
+         "A1111's 'Clip skip'): 1 = last layer, 2 = penultimate (what NAI-style anime SD1 models expect). SD2's "
+         "encoder already is OpenCLIP's penultimate layer, so 1 there; SDXL ignores it. In the Web-UI its own "
+         "Clip skip option applies. Typical: 1, or 2 for anime SD1 models."),
     _opt(2, "noise_offset", float, 0.0,
          "Add a per-channel constant of this size to the training noise so the LoRA can learn very dark and "
          "bright images. Typical: 0.03-0.1; 0 = off.", modes=_NOISED, **_D2),
@@ -874,6 +879,7 @@ def _check_numbers(s: Settings, errors: list[SettingsError]) -> None:
     _check(errors, s.save_per_steps >= 0, "save_per_steps", "must be >= 0; use 0 to save only at the end")
     _check(errors, s.train_max_grad_norm >= 0, "train_max_grad_norm", "must be >= 0; use 0 to turn clipping off")
     _check(errors, s.train_lr_warmup_steps >= 0, "train_lr_warmup_steps", "must be >= 0; use e.g. 0")
+    _check(errors, 1 <= s.clip_skip <= 12, "clip_skip", f"{s.clip_skip} is outside 1..12; use 1 (or 2 for anime SD1 models)")
 
 
 def _check_images(s: Settings, errors: list[SettingsError]) -> None:

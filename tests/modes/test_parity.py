@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import types
 
+import pytest
 import torch
 from PIL import Image
 
@@ -80,3 +81,68 @@ def test_encoded_dataset_stays_on_the_cpu(tmp_path):
     assert {b.masks.device.type for b in cached.buckets} == {"cpu"}
     assert cached.gather(0, [0, 1], torch.device("meta")).latents.device.type == "meta"
 
+
+
+# -- CLIP skip -------------------------------------------------------------------------------------------
+
+
+def test_clip_skip_takes_the_nth_layer_from_the_end_through_the_final_norm(trainer):
+    from trainer.errors import SettingsError
+
+    bundle = trainer.bundle("tiny-sd1")
+    te = bundle.text_encoders["lora_te"]
+    ids = bundle._chunk_ids(bundle.tokenizers[0], ["a red photo"])
+    with torch.no_grad():
+        assert bundle.set_clip_skip(1) is None and bundle.clip_skip == 1
+        last = bundle.encode_prompts(["a red photo"]).context
+        assert bundle.set_clip_skip(2) is None and bundle.clip_skip == 2
+        skipped = bundle.encode_prompts(["a red photo"]).context
+        # kohya: hidden_states[-clip_skip], then the text model's final layer norm
+        hidden = te(ids, output_hidden_states=True).hidden_states
+        norm = getattr(te, "text_model", te).final_layer_norm
+        assert torch.allclose(skipped, norm(hidden[-2]), atol=1e-6)
+        assert torch.allclose(last, norm(hidden[-1]), atol=1e-6)
+        assert (skipped - last).abs().max() > 1e-3
+    depth = te.config.num_hidden_layers
+    with pytest.raises(SettingsError, match="clip_skip"):
+        bundle.set_clip_skip(depth + 1)
+    bundle.set_clip_skip(1)
+
+
+def test_clip_skip_does_not_apply_to_sdxl(trainer):
+    bundle = trainer.bundle("tiny-sdxl")
+    with torch.no_grad():
+        before = bundle.encode_prompts(["a photo"]).context
+        note = bundle.set_clip_skip(2)
+        after = bundle.encode_prompts(["a photo"]).context
+    assert "not used" in note and bundle.clip_skip is None and torch.equal(before, after)
+
+
+# -- metadata --------------------------------------------------------------------------------------------
+
+
+def test_metadata_records_clip_skip_autocast_mode_and_zero_terminal_snr(trainer, image_folder):
+    from trainer.network import load_lora
+
+    common = dict(mode="LoRA", model="tiny-sd1", lora_data_directory=str(image_folder), train_iterations=1,
+                  effect_check=False)
+    skip2 = trainer.run(save_lora_name="skip2", clip_skip=2, **common)
+    meta = load_lora(skip2["lora_path"])[1]
+    assert meta["ss_clip_skip"] == "2" and meta["modelspec.encoder_layer"] == "2"
+    assert meta["ss_mixed_precision"] == "no"  # fp32: no autocast (it was train_lora_precision, "fp32")
+    assert meta["ss_zero_terminal_snr"] == "False"
+    bf16 = trainer.run(save_lora_name="bf16", train_model_precision="bf16", **common)
+    meta = load_lora(bf16["lora_path"])[1]
+    assert meta["ss_mixed_precision"] == "bf16" and meta["ss_clip_skip"] == "1"
+
+
+@pytest.mark.parametrize("mode", ["ADDifT", "Difference"])
+def test_pair_modes_record_the_pairs_own_resolution(mode, trainer, tmp_path):
+    from trainer.network import load_lora
+
+    orig = draw_image(tmp_path / "o.png", (220, 40, 40), size=(96, 64))
+    targ = draw_image(tmp_path / "t.png", (40, 60, 230), size=(96, 64))
+    result = trainer.run(mode=mode, model="tiny-sd1", train_iterations=1, effect_check=False, save_lora_name=f"r_{mode}",
+                         **{"original image": str(orig), "target image": str(targ), "image_size(height, width)": "128"})
+    meta = load_lora(result["lora_path"])[1]
+    assert meta["ss_resolution"] == "(96, 64)" and meta["modelspec.resolution"] == "96x64"

@@ -180,6 +180,11 @@ class Precision:
     def autocast_dtype(self) -> torch.dtype | None:
         return self.model_dtype if self.model_dtype in (torch.float16, torch.bfloat16) else None
 
+    @property
+    def mixed_precision(self) -> str:
+        """kohya's ``ss_mixed_precision``: the autocast mode, ``fp16``, ``bf16`` or ``no``."""
+        return {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(self.autocast_dtype, "no")  # type: ignore[arg-type]
+
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.autocast_dtype is None:
             return contextlib.nullcontext()

@@ -101,6 +101,14 @@ class RunContext:
                          rank=rank, world_size=world_size, grad_sync=grad_sync)
         for note in precision.notes:
             ctx.note(note)
+        clip_skip = int(getattr(settings, "clip_skip", 1) or 1)
+        if hasattr(bundle, "set_clip_skip"):  # set every job, as compile below
+            why = bundle.set_clip_skip(clip_skip)
+            if why:
+                ctx.note(why)
+        elif clip_skip != 1:  # the Web-UI encodes prompts with its own "Clip skip" option
+            ctx.note(f"clip_skip {clip_skip} is not used here: the Web-UI's own Clip skip option applies "
+                     f"(recorded: {getattr(bundle, 'clip_skip', None)})")
         if hasattr(bundle, "set_compile"):  # set every job: the host reuses a cached bundle between jobs
             why = bundle.set_compile(bool(getattr(settings, "train_compile", False)))
             if why:
@@ -226,7 +234,9 @@ def make_metadata(ctx: RunContext, s, network, *, suffix: str, steps: int, extra
     from trainer.network import build_metadata
     from trainer.settings import FIELD_BY_KEY
 
-    h, w = s.image_size
+    # the image-pair modes train at their images' own size (traintrain_image_size "HxW"); image_size is not theirs
+    pair_size = str(extra.get("traintrain_image_size", ""))
+    h, w = (int(v) for v in pair_size.split("x")) if pair_size else s.image_size
     kohya = {k: str(v) for k, v in extra.items() if k.startswith("ss_")}  # the mode's own ss_* figures win
     if s.mode in FIELD_BY_KEY["noise_offset"].modes:  # the modes that noise real latents
         kohya = {"ss_noise_offset": str(float(s.noise_offset)), "ss_multires_noise_iterations":
@@ -236,6 +246,7 @@ def make_metadata(ctx: RunContext, s, network, *, suffix: str, steps: int, extra
     metadata = build_metadata(
         settings=s, network=network, bundle=ctx.bundle, output_name=ctx.out.name + suffix, steps=steps,
         seed=ctx.seed, started_at=ctx.started_at, resolution=(w, h), extra={"traintrain_mode": s.mode, **ours},
+        mixed_precision=ctx.precision.mixed_precision,
     )
     metadata.update(kohya)
     return metadata
