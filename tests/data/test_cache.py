@@ -124,3 +124,10 @@ def test_cache_stays_on_the_cpu_and_gather_moves_one_batch(tmp_path, encoder):
     assert batch.latents.device.type == batch.masks.device.type == "meta"
     assert batch.latents.shape == (2, 4, 8, 8)
     assert isinstance(cached, CachedData) and cached.buckets[0].latents.device.type == "cpu"
+
+
+def test_pair_batches_carry_the_originals_size_conditioning(tmp_path, encoder):
+    Image.new("RGB", (151, 61), (90, 30, 30)).save(tmp_path / "p.png")
+    Image.new("RGB", (151, 61), (30, 30, 90)).save(tmp_path / "p_t.png")
+    cached = encode_pairs(plan_pairs([tmp_path / "p.png", tmp_path / "p_t.png"], diff_target_name="_t", **SMALL), encoder)
+    assert cached.gather(0, [0]).size_ids.tolist() == [[61, 151, 0, 7, 32, 64]]
