@@ -79,6 +79,36 @@ def test_torch_schedulers_run_the_whole_pass(name):
         assert len({tuple(r) for r in lrs}) > 1
 
 
+@pytest.mark.parametrize("name", TORCH_NAMES)
+def test_torch_schedulers_warm_up_linearly_then_run_over_the_remaining_steps(name):
+    warmup, total = 4, 30
+    got = _lrs(build_scheduler(name, _optimizer(), total_steps=total, warmup_steps=warmup), total)
+    plain = _lrs(build_scheduler(name, _optimizer(), total_steps=total - warmup), total - warmup)
+    start = plain[0]  # the scheduler's own starting lr (one_cycle and cyclic start below the base lr)
+    for step in range(warmup + 1):  # lr at step s = s / warmup of the start: 0 at step 0
+        assert got[step] == pytest.approx([lr * step / warmup for lr in start], rel=1e-12, abs=1e-15), step
+    assert _flat(got[warmup:]) == pytest.approx(_flat(plain), rel=1e-9, abs=1e-15)
+
+
+def test_cosine_annealing_with_warmup_ends_at_zero_and_warmup_survives_resume():
+    total, warmup = 20, 5
+    lrs = _lrs(build_scheduler("cosine_annealing", _optimizer(), total_steps=total, warmup_steps=warmup), total)
+    assert lrs[warmup][0] == pytest.approx(1e-3) and lrs[-1][0] == pytest.approx(0.0, abs=1e-12)
+    first = build_scheduler("cosine_annealing", _optimizer(), total_steps=total, warmup_steps=warmup)
+    _lrs(first, 2)
+    state = first.state_dict()
+    again = build_scheduler("cosine_annealing", _optimizer(), total_steps=total, warmup_steps=warmup)
+    again.load_state_dict(state)
+    assert again.lrs() == pytest.approx([1e-3 * 2 / warmup, 5e-4 * 2 / warmup])
+
+
+@pytest.mark.parametrize("name", ["constant", "piecewise_constant"])
+def test_schedules_without_warmup_say_so(name):
+    schedule = build_scheduler(name, _optimizer(), total_steps=10, warmup_steps=3, step_rules=RULES)
+    assert any("train_lr_warmup_steps 3 is not used" in n for n in schedule.notes)
+    assert not build_scheduler(name, _optimizer(), total_steps=10, step_rules=RULES).notes
+
+
 def test_one_cycle_takes_exactly_total_steps_and_never_raises():
     schedule = build_scheduler("one_cycle", _optimizer(), total_steps=20)
     lrs = _lrs(schedule, 20)

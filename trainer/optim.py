@@ -9,10 +9,11 @@ imported inside the factory that needs it, so a missing one disables one choice,
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -129,6 +130,20 @@ def eval_mode(optimizer: torch.optim.Optimizer) -> None:
     """
     if is_schedule_free(optimizer):
         optimizer.eval()
+
+
+@contextlib.contextmanager
+def averaged_weights(optimizer: torch.optim.Optimizer | None) -> Iterator[None]:
+    """Inside: a schedule-free optimizer's parameters are its averaged weights (what saves write), so a
+    preview shows the LoRA a save would hold; afterwards training goes on from its own iterate."""
+    if optimizer is None:
+        yield
+        return
+    eval_mode(optimizer)
+    try:
+        yield
+    finally:
+        train_mode(optimizer)
 
 
 # ---------------------------------------------------------------- construction helpers

@@ -9,6 +9,7 @@ past its length (the reference raised at its last step, behavior §17 #3).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import math
@@ -116,6 +117,40 @@ class ScheduleFreeSchedule(Schedule):
         return out
 
 
+class WarmupSchedule(Schedule):
+    """Linear warmup in front of a torch scheduler, which has none of its own.
+
+    Step ``s < warmup`` runs at ``s / warmup`` of the scheduler's starting lr (0 at step 0, as the diffusers
+    schedules); from step ``warmup`` the scheduler runs from its own start over the remaining steps.
+    """
+
+    def __init__(self, inner: Schedule, warmup_steps: int) -> None:
+        super().__init__(inner.optimizer, None, notes=inner.notes)
+        self.inner, self.warmup = inner, int(warmup_steps)
+        self.peak = [float(g["lr"]) for g in self.optimizer.param_groups]  # what the scheduler starts from
+        self._scale(0)
+
+    def _scale(self, step: int) -> None:
+        for group, lr in zip(self.optimizer.param_groups, self.peak, strict=True):
+            group["lr"] = lr * min(1.0, step / self.warmup)
+
+    def step(self, loss: float | None = None) -> None:
+        self.num_steps += 1
+        if self.num_steps <= self.warmup:
+            self._scale(self.num_steps)  # the last warmup step restores the scheduler's own lr exactly
+        else:
+            self.inner.step(loss)
+
+    def state_dict(self) -> dict:
+        return {"num_steps": self.num_steps, "peak": self.peak, "inner": self.inner.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.num_steps, self.peak = int(state["num_steps"]), [float(x) for x in state["peak"]]
+        self.inner.load_state_dict(state["inner"])
+        if self.num_steps <= self.warmup:
+            self._scale(self.num_steps)
+
+
 class AdafactorSchedule(Schedule):
     """Adafactor with relative_step picks its own step size; report it (initial lr before stepping)."""
 
@@ -150,7 +185,9 @@ def build_scheduler(
         name: a ``train_lr_scheduler`` choice, matched case-insensitively.
         optimizer: the optimizer to schedule (or the ``OptimizerBundle`` holding it).
         total_steps: the exact number of optimizer steps the trainer will take (``train_iterations``).
-        warmup_steps: linear warmup for the diffusers-style schedules (negative → 0).
+        warmup_steps: linear warmup (negative → 0): built into the diffusers-style schedules, put in front
+            of the torch schedulers (which then run over the remaining steps); constant and
+            piecewise_constant have none (a note says so).
         num_cycles: hard restarts for cosine_with_restarts (≤ 0 → 1).
         power: polynomial power (≤ 0 → 1.0).
         step_rules: piecewise_constant rules such as ``1:100,0.1:200,0.01``.
@@ -178,7 +215,15 @@ def build_scheduler(
         num_cycles=int(num_cycles) if num_cycles > 0 else 1, power=float(power) if power > 0 else 1.0,
         step_rules=step_rules, kwargs=kwargs,
     )  # fmt: skip
-    return _BUILDERS[key](plan)
+    if key in _TORCH and plan.warmup_steps > 0:
+        # torch schedulers know no warmup: warm up first, then run the scheduler over the remaining steps
+        rest = dataclasses.replace(plan, total_steps=max(1, plan.total_steps - plan.warmup_steps), warmup_steps=0)
+        return WarmupSchedule(_BUILDERS[key](rest), plan.warmup_steps)
+    schedule = _BUILDERS[key](plan)
+    if key in _NO_WARMUP and plan.warmup_steps > 0:
+        schedule.notes.append(f"train_lr_scheduler '{name}' has no warmup (as in kohya and diffusers); "
+                              f"train_lr_warmup_steps {plan.warmup_steps} is not used: choose constant_with_warmup")
+    return schedule
 
 
 @dataclass(frozen=True)
@@ -396,3 +441,6 @@ _BUILDERS: dict[str, Callable[[_Plan], Schedule]] = {
         ("total_steps", "epochs", "steps_per_epoch"),
     ),
 }
+
+_TORCH = frozenset(k for k, b in _BUILDERS.items() if b.__qualname__.startswith("_torch_scheduler"))
+_NO_WARMUP = frozenset({"constant", "piecewise_constant"})  # diffusers' own: warmup ignored (kohya refuses it)

@@ -244,7 +244,9 @@ FIELDS: tuple[Field, ...] = (
     _opt(2, "train_lr_step_rules", str, "",
          "piecewise_constant only: 'factor:step,...,final', e.g. 1:100,0.1:200,0.01.", **_D2),
     _opt(2, "train_lr_warmup_steps", int, 0,
-         "Steps of linear warm-up (diffusers schedulers). Stabilises the first steps. Typical: 0-100.", **_D2),
+         "Steps of linear warm-up from lr 0, for every scheduler but constant and piecewise_constant (as kohya); "
+         "torch schedulers (cosine_annealing, …) run over the steps after it. Stabilises the first steps. "
+         "Typical: 0-100.", **_D2),
     _opt(2, "train_lr_scheduler_num_cycles", int, 1,
          "Restarts of cosine_with_restarts. Typical: 1.", **_D2),
     _opt(2, "train_lr_scheduler_power", float, 1.0,
@@ -355,8 +357,14 @@ FIELDS: tuple[Field, ...] = (
          modes=_DATASET),
     _opt(1, "masked_loss", bool, False,
          "Weight the loss per pixel by the image's alpha channel or a <name>_mask.png beside it (white = learn, "
-         "black = ignore), so backgrounds are not learned. Images without a mask count everywhere.",
+         "black = ignore), so backgrounds are not learned. Images without a mask count everywhere. As kohya, the "
+         "loss is averaged over all pixels, so a mask covering a quarter of the image gives a quarter of the loss.",
          modes=_LORA, **_CH),
+    _opt(2, "clip_skip", int, 1,
+         "Condition on the text encoder's N-th layer from the end, then its final norm (kohya's clip_skip, "
+         "A1111's 'Clip skip'): 1 = last layer, 2 = penultimate (what NAI-style anime SD1 models expect). SD2's "
+         "encoder already is OpenCLIP's penultimate layer, so 1 there; SDXL ignores it. In the Web-UI its own "
+         "Clip skip option applies. Typical: 1, or 2 for anime SD1 models."),
     _opt(2, "noise_offset", float, 0.0,
          "Add a per-channel constant of this size to the training noise so the LoRA can learn very dark and "
          "bright images. Typical: 0.03-0.1; 0 = off.", modes=_NOISED, **_D2),
@@ -364,7 +372,8 @@ FIELDS: tuple[Field, ...] = (
          "Multi-resolution (pyramid) noise levels added to the training noise; learns large-scale tone. "
          "Typical: 6-10; 0 = off.", modes=_NOISED, **_D2),
     _opt(2, "multires_noise_discount", float, 0.3,
-         "Weight falloff per multires noise level (lower = finer levels weaker). Typical: 0.3.", modes=_NOISED, **_D2),
+         "Weight of each coarser multires level: level i counts discount^i (lower = weaker coarse noise), "
+         "as kohya. Typical: 0.3; 0.8 with few images.", modes=_NOISED, **_D2),
     _opt(3, "sample_every_n_steps", int, 0,
          "Render preview images every N steps (and at the end) into logs/<run>/samples/, shown live in the tab. "
          "iLECO/Difference/ADDifT show a strip at LoRA weight -1, 0, +1. Costs time; 0 = off.", **_D2),
@@ -875,6 +884,7 @@ def _check_numbers(s: Settings, errors: list[SettingsError]) -> None:
     _check(errors, s.save_per_steps >= 0, "save_per_steps", "must be >= 0; use 0 to save only at the end")
     _check(errors, s.train_max_grad_norm >= 0, "train_max_grad_norm", "must be >= 0; use 0 to turn clipping off")
     _check(errors, s.train_lr_warmup_steps >= 0, "train_lr_warmup_steps", "must be >= 0; use e.g. 0")
+    _check(errors, 1 <= s.clip_skip <= 12, "clip_skip", f"{s.clip_skip} is outside 1..12; use 1 (or 2 for anime SD1 models)")
 
 
 def _check_images(s: Settings, errors: list[SettingsError]) -> None:

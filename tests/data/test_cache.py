@@ -97,3 +97,37 @@ def test_pairs_diff_mask_marks_exactly_the_changed_region(tmp_path, encoder):
     assert bucket.orig_captions == ["", ""]
     batch = cached.gather(0, [1])
     assert batch.orig_latents.shape == (1, 4, 8, 8) and batch.masks.shape == (1, 1, 8, 8)
+
+
+def test_sdxl_size_conditioning_keeps_each_samples_original_size_and_crop(tmp_path, encoder):
+    """kohya: original = the file's (h, w), crop = top-left of the bucket crop in the resized image (for a
+    mirrored sample, counted from the mirrored side), target = the bucket."""
+    Image.new("RGB", (151, 61), (90, 30, 30)).save(tmp_path / "wide.png")
+    plan = plan_samples([tmp_path / "wide.png"], mirroring=True, **SMALL)
+    cached = encode_samples(plan, encoder)
+    assert cached.buckets[0].bucket == (64, 32)
+    # cover 64x32 keeping the ratio: height 61 → 32, width 151 · 32/61 = 79.2 → 79; centred crop 64 of 79
+    resized_w = 151 * 32 // 61
+    left = (resized_w - 64) // 2
+    sizes = cached.gather(0, [0, 1]).size_ids
+    assert sizes.tolist() == [[61, 151, 0, left, 32, 64], [61, 151, 0, resized_w - 64 - left, 32, 64]]
+    assert left == 7 and resized_w - 64 - left == 8  # the mirrored crop really differs here
+
+
+def test_cache_stays_on_the_cpu_and_gather_moves_one_batch(tmp_path, encoder):
+    """data/cache.py's contract: the cache is CPU memory; only the batch of a step goes to the device
+    (``meta`` stands in for a GPU: a tensor moved there is visibly not on the CPU)."""
+    from trainer.data.cache import CachedData
+
+    cached = encode_samples(plan_samples(_images(tmp_path, 3), **SMALL), encoder)
+    batch = cached.gather(0, [2, 0], torch.device("meta"))
+    assert batch.latents.device.type == batch.masks.device.type == "meta"
+    assert batch.latents.shape == (2, 4, 8, 8)
+    assert isinstance(cached, CachedData) and cached.buckets[0].latents.device.type == "cpu"
+
+
+def test_pair_batches_carry_the_originals_size_conditioning(tmp_path, encoder):
+    Image.new("RGB", (151, 61), (90, 30, 30)).save(tmp_path / "p.png")
+    Image.new("RGB", (151, 61), (30, 30, 90)).save(tmp_path / "p_t.png")
+    cached = encode_pairs(plan_pairs([tmp_path / "p.png", tmp_path / "p_t.png"], diff_target_name="_t", **SMALL), encoder)
+    assert cached.gather(0, [0]).size_ids.tolist() == [[61, 151, 0, 7, 32, 64]]

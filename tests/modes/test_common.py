@@ -60,13 +60,52 @@ def test_losses(name, expected):
     assert float(loss(pred, target, torch.tensor([1, 2]))) == pytest.approx(expected)
 
 
-def test_masked_loss_averages_over_the_mask_only():
+def test_masked_loss_weights_pixels_and_averages_over_all_of_them_as_kohya():
     loss = DenoiseLoss("MSE", 0.0, False, sd_schedule())
-    pred, target = torch.zeros(1, 4, 2, 2), torch.zeros(1, 4, 2, 2)
-    pred[..., 0, 0] = 2.0  # error only where the mask is on
-    mask = torch.zeros(1, 1, 2, 2)
-    mask[..., 0, 0] = 1
-    assert float(loss(pred, target, torch.tensor([3]), mask)) == pytest.approx(4.0)
+    pred, target = torch.zeros(2, 4, 2, 2), torch.zeros(2, 4, 2, 2)
+    pred[:, :, 0, 0] = 2.0  # squared error 4 on one of four pixels, in both samples
+    mask = torch.zeros(2, 1, 2, 2)
+    mask[0, :, 0, 0] = 1.0  # sample 0: only the erring pixel counts, at full weight
+    mask[1, :, 0, 0] = 0.5  # sample 1: half weight there, the other pixels are masked off
+    # kohya: mean over all 16 elements of (error * mask): 4 * 4 / 16 = 1.0 and 2 * 4 / 16 = 0.5
+    assert float(loss(pred[:1], target[:1], torch.tensor([3]), mask[:1])) == pytest.approx(1.0)
+    assert float(loss(pred, target, torch.tensor([3, 3]), mask)) == pytest.approx(0.75)
+    assert float(loss(pred, target, torch.tensor([3, 3]), torch.ones(2, 1, 2, 2))) == pytest.approx(1.0)
+
+
+def test_pyramid_noise_has_kohyas_low_frequency_share():
+    """kohya's definition, computed independently here: level i (i = 0 … n-1) is noise at size/rⁱ with r
+    uniform in [2, 4), up-sampled bilinearly, weighted discountⁱ, added to the base noise, then the sum is
+    rescaled to unit std. Starting at i = 1 (the old code) gives 1.5-1.7x this low-frequency share."""
+    import random
+
+    import torch.nn.functional as F
+
+    from trainer.modes.common import NoiseControls
+
+    def kohya(shape, iterations, discount, rng):
+        b, c, h, w = shape
+        noise = torch.randn(shape)
+        for i in range(iterations):
+            r = rng.uniform(2, 4)
+            hn, wn = max(1, int(h / r**i)), max(1, int(w / r**i))
+            noise = noise + F.interpolate(torch.randn(b, c, hn, wn), size=(h, w), mode="bilinear") * discount**i
+            if hn == 1 or wn == 1:
+                break
+        return noise / noise.std()
+
+    def low_share(x):  # energy left after 8x8 average pooling, relative to all energy
+        return float(F.avg_pool2d(x, 8).pow(2).mean() / x.pow(2).mean())
+
+    shape, draws = (16, 4, 64, 64), 24
+    for iterations, discount in ((10, 0.8), (3, 0.5)):
+        torch.manual_seed(0)
+        rng = random.Random(0)
+        expected = sum(low_share(kohya(shape, iterations, discount, rng)) for _ in range(draws)) / draws
+        ours = NoiseControls(multires_iterations=iterations, multires_discount=discount)
+        gen = torch.Generator().manual_seed(1)
+        got = sum(low_share(ours.draw(shape, gen, torch.device("cpu"))) for _ in range(draws)) / draws
+        assert got == pytest.approx(expected, rel=0.2), (iterations, discount)  # seeds vary it by < 10 %
 
 
 def test_unknown_loss_names_the_field():

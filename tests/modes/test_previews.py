@@ -82,3 +82,39 @@ def test_previews_do_not_perturb_training(mode, trainer, image_folder):
         torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0)
     assert [r["loss"] for r in plain["history"].rows] == pytest.approx([r["loss"] for r in previewed["history"].rows],
                                                                        abs=1e-6)
+
+
+def test_schedule_free_previews_render_the_averaged_weights(trainer, image_folder, monkeypatch):
+    """A schedule-free optimizer holds its averaged weights (what saves write) only in eval mode: every
+    preview must render in eval mode and training must go on in train mode."""
+    import trainer.optim as optim
+    from trainer.sampling.hook import PreviewHook
+
+    class FakeScheduleFree(torch.optim.SGD):  # train()/eval() make it schedule-free to the trainer
+        mode = "train"
+
+        def train(self):
+            self.mode = "train"
+
+        def eval(self):
+            self.mode = "eval"
+
+        def step(self, closure=None):
+            assert self.mode == "train", "a training step ran on the averaged weights"
+            return super().step(closure)
+
+    made: list[FakeScheduleFree] = []
+
+    def build(name, groups, **kwargs):
+        made.append(FakeScheduleFree(groups, lr=1e-3))
+        return optim.OptimizerBundle(made[-1], schedule_free=True)
+
+    monkeypatch.setattr(optim, "build_optimizer", build)
+    modes_seen: list[str] = []
+    original = PreviewHook._at
+    monkeypatch.setattr(PreviewHook, "_at", lambda self, m, p: modes_seen.append(made[-1].mode) or original(self, m, p))
+    result = trainer.run(mode="LoRA", model="tiny-sd1", lora_data_directory=str(image_folder), save_lora_name="sf",
+                         train_iterations=3, train_batch_size=1, effect_check=False, sample_every_n_steps=2,
+                         sample_prompts="a shape --s 1 --w 32 --h 32")
+    assert result["status"] == "done" and len(modes_seen) == 2  # steps 2 and 3
+    assert set(modes_seen) == {"eval"}

@@ -80,6 +80,18 @@ def test_sdxl_bundle_and_size_conditioning(sdxl):
     assert not torch.allclose(out, wrong, atol=1e-4)
 
 
+def test_sdxl_per_sample_original_size_and_crop_reach_the_unet(sdxl):
+    b = WebUIBundle(sdxl, device=torch.device("cpu"), medvram=True)
+    cond = b.encode_prompts(["a photo", "red"])
+    sizes = torch.tensor([[61.0, 151, 0, 7, 64, 128], [900, 700, 24, 0, 64, 128]])  # bucket 128x64, cropped
+    noisy, t = torch.randn(2, 4, 8, 16), torch.tensor([3, 900])
+    out = b.predict(noisy, t, cond.with_size(sizes))
+    ref = b.unet.diffusers_unet(noisy, t, cond.context, added_cond_kwargs={"text_embeds": cond.pooled, "time_ids": sizes}).sample
+    assert torch.allclose(out, ref, atol=1e-6, rtol=0), (out - ref).abs().max()
+    uncropped = b.predict(noisy, t, cond)  # original = target, crop 0: what every sample got before
+    assert (out - uncropped).abs().max() > 1e-4
+
+
 def test_base_refused_where_text_encoder_cannot_train(sdxl, sd1):
     with pytest.raises(SettingsError, match="medvram"):
         check_text_encoder_training(WebUIBundle(sdxl, device=torch.device("cpu"), medvram=True), ["BASE", "IN01"])

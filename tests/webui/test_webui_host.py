@@ -183,3 +183,16 @@ def test_zero_terminal_snr_follows_the_webui(webui, source):
 def test_use_ema_is_a_note_in_the_webui(webui):
     with WebUIHost().acquire("", "", precision="fp32", v_pred=None, use_ema=True) as bundle:
         assert any("model_use_ema" in n and "standalone" in n for n in bundle.notes)
+
+
+def test_host_clip_skip_per_family():
+    from types import SimpleNamespace
+
+    from trainer.hosts.webui import _host_clip_skip
+    from trainer.models.bundle import Family
+
+    opts = SimpleNamespace(CLIP_stop_at_last_layers=2)
+    assert _host_clip_skip(opts, Family.SD1, forge=False) == 2
+    assert _host_clip_skip(opts, Family.SD2, forge=False) == 1  # A1111's SD2 encoder ignores the option
+    assert _host_clip_skip(opts, Family.SD2, forge=True) == 2
+    assert _host_clip_skip(opts, Family.SDXL, forge=False) is None

@@ -107,3 +107,18 @@ def test_practitioners_controls_train_in_place_and_restore(webui, mode, tmp_path
     _, meta = load_lora(result["lora_path"])
     assert meta["ss_num_epochs"] == "2" and meta["ss_noise_offset"] == "0.05"
     assert fingerprint(webui.sd_model) == before
+
+
+def test_the_webuis_clip_skip_is_recorded(webui, tmp_path, monkeypatch):
+    """The Web-UI encodes prompts with its own Clip skip option; the LoRA records that value (kohya's
+    ss_clip_skip), and our clip_skip setting, which does not apply here, says so."""
+    from modules import shared
+
+    monkeypatch.setattr(shared.opts, "CLIP_stop_at_last_layers", 2)
+    settings = Settings.from_layers(BASE, {"mode": "LoRA", "save_lora_name": "skip", "clip_skip": 3},
+                                    _inputs("LoRA", tmp_path))
+    result = run_job(settings, WebUIHost(), events=Events())
+    meta = load_lora(result["lora_path"])[1]
+    assert meta["ss_clip_skip"] == "2" and meta["modelspec.encoder_layer"] == "2"
+    assert meta["ss_mixed_precision"] == "no" and meta["ss_zero_terminal_snr"] == "False"
+    assert any("clip_skip 3 is not used here" in n for n in result["notes"])

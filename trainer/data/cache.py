@@ -84,9 +84,14 @@ class PairBucketData(_Items):
         return self.pairs
 
 
+def _size_ids(samples: list[Sample]) -> torch.Tensor:
+    """(B, 6) float32: each sample's SDXL size conditioning (:attr:`~trainer.data.plan.Sample.size_ids`)."""
+    return torch.tensor([s.size_ids for s in samples], dtype=torch.float32)
+
+
 @dataclass
 class Batch:
-    """One training batch from a single bucket (CPU tensors; the trainer moves them to its device)."""
+    """One training batch from a single bucket."""
 
     bucket: Bucket
     latents: torch.Tensor
@@ -99,6 +104,11 @@ class Batch:
         """bool (B,): which samples are regularization images."""
         return torch.tensor([bool(getattr(s, "is_reg", False)) for s in self.samples], dtype=torch.bool)
 
+    @property
+    def size_ids(self) -> torch.Tensor:
+        """(B, 6) SDXL size conditioning per sample: original (h, w), crop (top, left), bucket (h, w)."""
+        return _size_ids(self.samples)
+
 
 @dataclass
 class PairBatch:
@@ -110,6 +120,12 @@ class PairBatch:
     masks: torch.Tensor
     orig_captions: list[str]
     targ_captions: list[str]
+    pairs: list[PairSample]
+
+    @property
+    def size_ids(self) -> torch.Tensor:
+        """(B, 6) SDXL size conditioning of each pair (original and target share size, crop and mirror)."""
+        return _size_ids([p.orig for p in self.pairs])
 
 
 class _Counted:
@@ -141,10 +157,11 @@ class CachedData(_Counted):
     buckets: list[BucketData]
     num_multiply: int = 1
 
-    def gather(self, bucket_index: int, indices: list[int]) -> Batch:
-        """The items ``indices`` of bucket ``bucket_index`` as one batch (CPU tensors)."""
+    def gather(self, bucket_index: int, indices: list[int], device: torch.device | str | None = None) -> Batch:
+        """The items ``indices`` of bucket ``bucket_index`` as one batch, its tensors moved to ``device``
+        (only this batch: the cache itself stays on the CPU)."""
         b, idx = self.buckets[bucket_index], torch.as_tensor(indices, dtype=torch.long)
-        return Batch(b.bucket, b.latents[idx], b.masks[idx], [b.captions[i] for i in indices],
+        return Batch(b.bucket, b.latents[idx].to(device), b.masks[idx].to(device), [b.captions[i] for i in indices],
                      [b.samples[i] for i in indices])
 
 
@@ -155,11 +172,12 @@ class CachedPairs(_Counted):
     buckets: list[PairBucketData]
     num_multiply: int = 1
 
-    def gather(self, bucket_index: int, indices: list[int]) -> PairBatch:
-        """The pairs ``indices`` of bucket ``bucket_index`` as one batch (CPU tensors)."""
+    def gather(self, bucket_index: int, indices: list[int], device: torch.device | str | None = None) -> PairBatch:
+        """The pairs ``indices`` of bucket ``bucket_index`` as one batch on ``device`` (as :meth:`CachedData.gather`)."""
         b, idx = self.buckets[bucket_index], torch.as_tensor(indices, dtype=torch.long)
-        return PairBatch(b.bucket, b.orig_latents[idx], b.targ_latents[idx], b.masks[idx],
-                         [b.orig_captions[i] for i in indices], [b.targ_captions[i] for i in indices])
+        return PairBatch(b.bucket, b.orig_latents[idx].to(device), b.targ_latents[idx].to(device), b.masks[idx].to(device),
+                         [b.orig_captions[i] for i in indices], [b.targ_captions[i] for i in indices],
+                         [b.pairs[i] for i in indices])
 
 
 @dataclass

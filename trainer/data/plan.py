@@ -55,6 +55,14 @@ class Sample:
         (new_w, _), (left, top) = crop_geometry(*self.image_size, self.bucket)
         return (new_w - self.bucket[0] - left if self.mirrored else left), top
 
+    @property
+    def size_ids(self) -> tuple[int, int, int, int, int, int]:
+        """SDXL's size conditioning as kohya computes it: ``(original_h, original_w, crop_top, crop_left,
+        target_h, target_w)``: the image's own size, where the bucket crop starts in the resized image
+        (mirrored with the sample), and the bucket."""
+        left, top = self.crop_left_top
+        return self.image_size[1], self.image_size[0], top, left, self.bucket[1], self.bucket[0]
+
 
 @dataclass(frozen=True)
 class PairSample:

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from trainer.errors import TrainTrainError
+from trainer.models.bundle import Family
 from trainer.models.webui_runtime import WebUIBundle, own_inference_weights
 
 log = logging.getLogger("traintrain")
@@ -285,6 +286,7 @@ class WebUIHost:
             bundle = WebUIBundle(sd_model, device=_device(root), v_pred=v_pred, medvram=medvram,
                                  zero_snr_option=zero_snr_option, renderer=None if forge else _a1111_renderer)
             bundle.notes[:0] = self.notes
+            bundle.clip_skip = _host_clip_skip(shared.opts, bundle.family, forge=bundle.forge)
             if precision and _DTYPES.get(precision) not in (None, bundle.dtype):
                 bundle.notes.append(f"precision {precision} ignored: the Web-UI's model stays in {str(bundle.dtype).replace('torch.', '')} (trained in place)")
             for note in bundle.notes:
@@ -333,6 +335,19 @@ class WebUIHost:
 
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _host_clip_skip(opts: Any, family: Family, *, forge: bool) -> int | None:
+    """The Clip skip the Web-UI's prompt encoding uses, as kohya's ``ss_clip_skip`` (1 = last layer).
+
+    A1111 applies ``CLIP_stop_at_last_layers`` to SD1's encoder only (its SD2 encoder is fixed at
+    OpenCLIP's penultimate layer, kohya's 1); Forge applies it to SD2 too. SDXL: None (kohya writes none).
+    """
+    if family is Family.SDXL:
+        return None
+    if family is Family.SD2 and not forge:
+        return 1
+    return max(1, int(getattr(opts, "CLIP_stop_at_last_layers", 1) or 1))
 
 
 def _device(root: nn.Module) -> torch.device:

@@ -49,10 +49,14 @@ class Cond:
     Attributes:
         context: cross-attention states, (B, T, D).
         pooled: SDXL pooled text embedding (B, P); None for SD1/SD2.
+        size: SDXL size conditioning (B, 6): original (h, w), crop top-left (top, left), target (h, w) in
+            pixels, per sample (kohya's ``original_size``/``crop_top_left``/``target_size``); None means
+            an uncropped image of the latent's own size. Ignored by SD1/SD2.
     """
 
     context: torch.Tensor
     pooled: torch.Tensor | None = None
+    size: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -60,23 +64,33 @@ class Cond:
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Cond:
         pooled = None if self.pooled is None else self.pooled.to(device=device, dtype=dtype)
-        return Cond(self.context.to(device=device, dtype=dtype), pooled)
+        size = None if self.size is None else self.size.to(device=device)  # pixel counts stay float32
+        return Cond(self.context.to(device=device, dtype=dtype), pooled, size)
+
+    def with_size(self, size: torch.Tensor | None) -> Cond:
+        """The same text conditioning for images of the given sizes (B, 6) (see ``size``)."""
+        return replace(self, size=size)
 
     def repeat(self, n: int) -> Cond:
         """Repeat every row n times along the batch axis (row order kept: a a b b for n=2)."""
         pooled = None if self.pooled is None else self.pooled.repeat_interleave(n, 0)
-        return Cond(self.context.repeat_interleave(n, 0), pooled)
+        size = None if self.size is None else self.size.repeat_interleave(n, 0)
+        return Cond(self.context.repeat_interleave(n, 0), pooled, size)
 
     def select(self, index: torch.Tensor | list[int]) -> Cond:
         pooled = None if self.pooled is None else self.pooled[index]
-        return replace(self, context=self.context[index], pooled=pooled)
+        size = None if self.size is None else self.size[index]
+        return replace(self, context=self.context[index], pooled=pooled, size=size)
 
     @staticmethod
     def cat(conds: Sequence[Cond]) -> Cond:
         """Concatenate along the batch axis. Token lengths must match: encode prompts that are batched
-        together in one ``encode_prompts`` call (long prompts give 77·k tokens)."""
+        together in one ``encode_prompts`` call (long prompts give 77·k tokens). Sizes are kept only when
+        every part has them."""
         pooled = None if conds[0].pooled is None else torch.cat([c.pooled for c in conds])  # type: ignore[misc]
-        return Cond(torch.cat([c.context for c in conds]), pooled)
+        sizes = [c.size for c in conds]
+        size = torch.cat(sizes) if all(x is not None for x in sizes) else None  # type: ignore[arg-type]
+        return Cond(torch.cat([c.context for c in conds]), pooled, size)
 
 
 @runtime_checkable
@@ -124,7 +138,8 @@ class ModelBundle(Protocol):
         ...
 
     def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Cond) -> torch.Tensor:
-        """Run the denoiser. SDXL size conditioning uses the pixel size of ``noisy`` (latent x 8)."""
+        """Run the denoiser. SDXL size conditioning is ``cond.size``, else the pixel size of ``noisy``
+        (latent x 8) as an uncropped image."""
         ...
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:

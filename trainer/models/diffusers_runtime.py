@@ -1,7 +1,8 @@
 """The standalone model runtime: ``load_bundle`` and ``DiffusersBundle`` (the ModelBundle on diffusers).
 
 Prompts are encoded as inference does: SD1/SD2 take the last hidden state after the final norm of
-their encoder (SD2's shipped encoder has 23 of OpenCLIP's 24 layers, i.e. the penultimate layer), SDXL
+their encoder (SD2's shipped encoder has 23 of OpenCLIP's 24 layers, i.e. the penultimate layer), or with
+``clip_skip`` N the N-th from the end through the final norm (kohya, A1111's "Clip skip"), SDXL
 concatenates the penultimate hidden states of both encoders and adds TE2's pooled projection. Prompts
 longer than 75 tokens are split into 75-token chunks, each framed as BOS + tokens + EOS + pad (77), and
 concatenated like A1111; a batch is padded to its longest prompt with empty chunks.
@@ -17,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from trainer.errors import InputError, MissingPackage, TrainTrainError
+from trainer.errors import InputError, MissingPackage, SettingsError, TrainTrainError
 from trainer.models.bundle import Cond, Family, UNetShape
 from trainer.models.checkpoint import resolve_tokenizers
 from trainer.models.components import Components, compute_alphas_cumprod
@@ -62,6 +63,8 @@ class DiffusersBundle:
         self.unet_shape: UNetShape = unet_shape(dict(self.unet.config))
         self.vae_scale_factor: int = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.alphas_cumprod = compute_alphas_cumprod(components.scheduler).to(device)
+        # kohya's clip_skip (1 = last layer) for SD1/SD2; SDXL has fixed layers, so None (set_clip_skip)
+        self.clip_skip: int | None = None if components.family is Family.SDXL else 1
         self.zero_snr: bool = components.zero_snr
         self.notes: list[str] = list(components.notes)
         tes = components.text_encoders
@@ -110,6 +113,10 @@ class DiffusersBundle:
                 hidden = out.hidden_states[-2]
                 if hasattr(out, "text_embeds"):
                     pooled = out.text_embeds.view(batch, count, -1)[:, 0]
+            elif self.clip_skip is not None and self.clip_skip > 1:
+                # kohya / A1111 "Clip skip": the N-th hidden state from the end, through the final layer norm
+                out = te(flat, output_hidden_states=True)
+                hidden = getattr(te, "text_model", te).final_layer_norm(out.hidden_states[-self.clip_skip])
             else:
                 hidden = te(flat).last_hidden_state
             states.append(hidden.reshape(batch, count * 77, -1).to(self.device))
@@ -145,21 +152,40 @@ class DiffusersBundle:
 
     # -- denoiser -------------------------------------------------------------------------------------
     def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Cond) -> torch.Tensor:
-        """Run the U-Net; returns float32. SDXL size conditioning is the pixel size of ``noisy``
-        ([h, w, 0, 0, h, w] with h, w = latent size x vae_scale_factor: a full, uncropped image)."""
+        """Run the U-Net; returns float32. SDXL size conditioning (``time_ids``) is ``cond.size`` (each
+        sample's original size, crop and bucket), else the pixel size of ``noisy`` as an uncropped image
+        ([h, w, 0, 0, h, w] with h, w = latent size x vae_scale_factor)."""
         added = None
         if self.family is Family.SDXL:
             assert cond.pooled is not None, "SDXL needs a pooled text embedding"
-            h, w = (s * self.vae_scale_factor for s in noisy.shape[-2:])
-            time_ids = torch.tensor([h, w, 0, 0, h, w], device=self.device, dtype=self.dtype)
-            added = {"text_embeds": cond.pooled.to(self.device, self.dtype),
-                     "time_ids": time_ids.expand(noisy.shape[0], 6)}
+            if cond.size is not None:
+                time_ids = cond.size.to(self.device, self.dtype)
+            else:
+                h, w = (s * self.vae_scale_factor for s in noisy.shape[-2:])
+                time_ids = torch.tensor([h, w, 0, 0, h, w], device=self.device, dtype=self.dtype).expand(noisy.shape[0], 6)
+            added = {"text_embeds": cond.pooled.to(self.device, self.dtype), "time_ids": time_ids}
         compiled = getattr(self, "_compiled", None)
         unet = self.unet if compiled is None else compiled
         out = unet(noisy.to(self.device, self.dtype), timesteps.to(self.device),
                         encoder_hidden_states=cond.context.to(self.device, self.dtype),
                         added_cond_kwargs=added, return_dict=False)[0]
         return out.float()
+
+    def set_clip_skip(self, layers: int) -> str | None:
+        """``clip_skip`` (kohya: 1 = the encoder's last layer, 2 = the penultimate, …) for SD1/SD2; returns
+        None, or why it does not apply (SDXL always takes both encoders' penultimate layers).
+
+        Raises:
+            SettingsError: more layers skipped than the text encoder has.
+        """
+        if self.family is Family.SDXL:
+            self.clip_skip = None
+            return None if layers == 1 else f"clip_skip {layers} is not used: SDXL takes fixed encoder layers (as kohya)"
+        depth = int(next(iter(self.text_encoders.values())).config.num_hidden_layers)
+        if not 1 <= layers <= depth:
+            raise SettingsError("clip_skip", f"{layers} is outside 1..{depth} (this text encoder has {depth} layers); use 1 or 2")
+        self.clip_skip = int(layers)
+        return None
 
     def set_compile(self, enabled: bool) -> str | None:
         """``train_compile``: None, or why the U-Net stays uncompiled.

@@ -9,9 +9,9 @@ Choices (also in ``docs/webui.md``):
 
 * SDXL conditioning: ``get_learned_conditioning`` returns ``{"crossattn", "vector"}``; ``vector`` is
   ``pooled (1280) + original size + crop + target size`` (sgm's ``ConcatTimestepEmbedderND``, 256 per
-  value). We keep the pooled part only and rebuild the size part in :meth:`WebUIBundle.predict` from the
-  pixel size of the latent (crop 0, 0), so a 768x1344 bucket is conditioned as 768x1344, never as the
-  size the prompt happened to be encoded with.
+  value). We keep the pooled part only and rebuild the size part in :meth:`WebUIBundle.predict` from each
+  sample's original size and crop (``Cond.size``), else from the pixel size of the latent (crop 0, 0),
+  never from the size the prompt happened to be encoded with.
 * Text encoders: a transformers ``CLIPTextModel`` (SD1, SDXL's first encoder) is exposed as it is;
   an OpenCLIP encoder (SD2, SDXL's second) through :func:`trainer.models.openclip.hf_view`, which routes
   its fused q/k/v attention through separate views for the length of the job, so adapters attach and
@@ -73,14 +73,18 @@ def sinusoid(values: torch.Tensor, dim: int, max_period: float = 10000.0) -> tor
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
-def sdxl_size_embedding(batch: int, height: int, width: int, dim: int, device: torch.device) -> torch.Tensor:
-    """sgm's size conditioning for ``original = target = (height, width)``, crop ``(0, 0)``.
+def sdxl_size_embedding(batch: int, height: int, width: int, dim: int, device: torch.device,
+                        size: torch.Tensor | None = None) -> torch.Tensor:
+    """sgm's size conditioning: ``size`` (batch, 6) per sample (original h, w; crop top, left; target h, w),
+    or, when None, ``original = target = (height, width)`` and crop ``(0, 0)``.
 
     Returns:
         (batch, 6 * dim): the part of the ``y`` vector that follows the pooled text embedding.
     """
-    values = torch.tensor([height, width, 0, 0, height, width], dtype=torch.float32, device=device)
-    return sinusoid(values, dim).reshape(1, -1).expand(batch, -1)
+    if size is None:
+        values = torch.tensor([height, width, 0, 0, height, width], dtype=torch.float32, device=device)
+        return sinusoid(values, dim).reshape(1, -1).expand(batch, -1)
+    return sinusoid(size.to(device, torch.float32).reshape(-1), dim).reshape(batch, -1)
 
 
 def unet_shape_of(unet: nn.Module) -> UNetShape:
@@ -434,7 +438,7 @@ class WebUIBundle:
         return self._own(z).float()
 
     def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Cond) -> torch.Tensor:
-        """Run the U-Net; SDXL's ``y`` = pooled + size embedding of the latent's pixel size."""
+        """Run the U-Net; SDXL's ``y`` = pooled + size embedding of ``cond.size`` (else the latent's pixel size)."""
         x = noisy.to(self.device, self.dtype)
         t = timesteps.to(self.device)
         if t.ndim == 0:
@@ -445,7 +449,7 @@ class WebUIBundle:
             if cond.pooled is None:
                 raise TrainTrainError("SDXL conditioning needs the pooled text embedding (Cond.pooled is None)")
             h, w = x.shape[-2] * self.vae_scale_factor, x.shape[-1] * self.vae_scale_factor
-            size = sdxl_size_embedding(x.shape[0], h, w, self.size_dim, self.device)
+            size = sdxl_size_embedding(x.shape[0], h, w, self.size_dim, self.device, cond.size)
             y = torch.cat([cond.pooled.to(self.device, torch.float32), size], dim=1).to(self.dtype)
         # half weights run under autocast, as the Web-UI runs them at inference
         half = (self.device.type == "cuda" and self.dtype in (torch.float16, torch.bfloat16)) or (

@@ -90,7 +90,8 @@ def run(ctx: RunContext) -> ModeOutcome:
     extra = {"traintrain_original_image": Path(s.original_image).name, "traintrain_target_image": Path(s.target_image).name,
              "traintrain_original_prompt": s.original_prompt, "traintrain_target_prompt": s.target_prompt,
              "traintrain_timesteps": f"{s.train_min_timesteps},{s.train_max_timesteps}",
-             "traintrain_revert": str(bool(s.diff_revert_original_target))}
+             "traintrain_revert": str(bool(s.diff_revert_original_target)),
+             "traintrain_image_size": "x".join(map(str, pair.size_hw))}
     sidecar = {"activation_text": s.lora_trigger_word, "preferred_weight": 1.0, "sd_version": bundle.family.name}
     try:
         result, written = run_pass(ctx, s, network, loss_step, summary={"pair": "x".join(map(str, pair.size_hw))}, extra=extra)

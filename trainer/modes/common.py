@@ -72,14 +72,20 @@ class NoiseControls:
         return self.draw(tuple(x.shape), generator, x.device, dtype)
 
     def _pyramid(self, eps: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """Add up-sampled coarse noise levels (each 2-4x smaller, weight discount^i), then renormalise."""
+        """kohya's pyramid noise: for i = 0 … iterations-1 add fresh noise drawn at size/rⁱ (r uniform in
+        [2, 4) per level) up-sampled bilinearly and weighted discountⁱ, then rescale to unit std.
+
+        Level 0 is full-size noise of weight 1 (kohya's loop starts there), so the fine share stays as
+        kohya users tuned it; the loop stops after the first 1-pixel level."""
         b, c, h, w = eps.shape
         factors = (2 + 2 * torch.rand(self.multires_iterations, generator=generator, device=generator.device)).tolist()
         out = eps
-        for i, r in enumerate(factors, 1):
+        for i, r in enumerate(factors):
             hi, wi = max(1, int(h / r**i)), max(1, int(w / r**i))
-            coarse = torch.randn((b, c, hi, wi), generator=generator, device=generator.device, dtype=eps.dtype)
-            out = out + F.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False) * self.multires_discount**i
+            level = torch.randn((b, c, hi, wi), generator=generator, device=generator.device, dtype=eps.dtype)
+            if (hi, wi) != (h, w):
+                level = F.interpolate(level, size=(h, w), mode="bilinear", align_corners=False)
+            out = out + level * self.multires_discount**i
             if hi == 1 or wi == 1:
                 break
         return out / out.std()
@@ -114,6 +120,8 @@ _ELEMENTWISE: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = 
 class DenoiseLoss:
     """Per-sample loss in float32, optionally masked, weighted by min-SNR, averaged over the batch.
 
+    A mask weights each pixel's loss and the mean still runs over every pixel (kohya's ``masked_loss``).
+
     Min-SNR (Hang et al. 2023): ε-prediction weight min(γ/SNR, 1); for v-prediction the equivalent
     weight is min(SNR, γ)/(SNR + 1) (the reference used the ε formula for both, §17 #10).
     """
@@ -142,11 +150,10 @@ class DenoiseLoss:
         such as ``prior_loss_weight`` for regularization samples."""
         loss = self.elementwise(pred.float(), target.float())
         if mask is not None:
-            # mean over the masked area only, so a small mask does not shrink the loss
-            mask = mask.to(loss.device, loss.dtype).expand_as(loss)
-            per_sample = (loss * mask).flatten(1).sum(1) / mask.flatten(1).sum(1).clamp_min(1.0)
-        else:
-            per_sample = loss.flatten(1).mean(1)
+            # kohya (and the reference's diff mask): weight each pixel, then average over ALL pixels, so a
+            # sample whose mask covers a quarter of the image contributes a quarter of the loss
+            loss = loss * mask.to(loss.device, loss.dtype)
+        per_sample = loss.flatten(1).mean(1)
         if self.snr_gamma > 0:
             per_sample = per_sample * self.weights(t)
         if weights is not None:
@@ -172,6 +179,11 @@ class Precision:
     @property
     def autocast_dtype(self) -> torch.dtype | None:
         return self.model_dtype if self.model_dtype in (torch.float16, torch.bfloat16) else None
+
+    @property
+    def mixed_precision(self) -> str:
+        """kohya's ``ss_mixed_precision``: the autocast mode, ``fp16``, ``bf16`` or ``no``."""
+        return {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(self.autocast_dtype, "no")  # type: ignore[arg-type]
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.autocast_dtype is None:

@@ -72,11 +72,12 @@ def run(ctx: RunContext) -> ModeOutcome:
 
     def loss_step(step: int) -> torch.Tensor:
         ref = next(batcher)
-        batch = data.gather(ref.bucket_index, list(ref.indices))
+        batch = data.gather(ref.bucket_index, list(ref.indices), bundle.device)  # this batch only to the device
         x0 = batch.latents
         eps = noise.like(x0, gen, x0.dtype)
         t = sample_timesteps(x0.shape[0], lo, hi, fixed_in_batch=fixed, generator=gen, device=x0.device)
-        pred = bundle.predict(ctx.noise.add_noise(x0, eps, t), t, encode(batch.captions, step))
+        cond = encode(batch.captions, step).with_size(batch.size_ids)  # SDXL: each image's own size and crop
+        pred = bundle.predict(ctx.noise.add_noise(x0, eps, t), t, cond)
         target = ctx.noise.v_target(x0, eps, t) if bundle.v_pred else eps
         # kohya's prior preservation: regularization samples count prior_loss_weight times
         weights = torch.where(batch.is_reg, prior, 1.0) if reg else None

@@ -50,9 +50,10 @@ def run(ctx: RunContext) -> ModeOutcome:
 
     def draw(step: int):
         ref = next(batcher)
-        batch = data.gather(ref.bucket_index, list(ref.indices))
-        return (batch.orig_latents, batch.targ_latents, encode(batch.orig_captions, step),
-                encode(batch.targ_captions, step), batch.masks)
+        batch = data.gather(ref.bucket_index, list(ref.indices), bundle.device)  # this batch only to the device
+        size = batch.size_ids  # SDXL: each pair's own size and crop (original and target share them)
+        return (batch.orig_latents, batch.targ_latents, encode(batch.orig_captions, step).with_size(size),
+                encode(batch.targ_captions, step).with_size(size), batch.masks)
 
     def probe() -> float:
         first = data.buckets[0]

@@ -103,6 +103,14 @@ class RunContext:
                          rank=rank, world_size=world_size, grad_sync=grad_sync)
         for note in precision.notes:
             ctx.note(note)
+        clip_skip = int(getattr(settings, "clip_skip", 1) or 1)
+        if hasattr(bundle, "set_clip_skip"):  # set every job, as compile below
+            why = bundle.set_clip_skip(clip_skip)
+            if why:
+                ctx.note(why)
+        elif clip_skip != 1:  # the Web-UI encodes prompts with its own "Clip skip" option
+            ctx.note(f"clip_skip {clip_skip} is not used here: the Web-UI's own Clip skip option applies "
+                     f"(recorded: {getattr(bundle, 'clip_skip', None)})")
         if hasattr(bundle, "set_compile"):  # set every job: the host reuses a cached bundle between jobs
             why = bundle.set_compile(bool(getattr(settings, "train_compile", False)))
             if why:
@@ -228,7 +236,9 @@ def make_metadata(ctx: RunContext, s, network, *, suffix: str, steps: int, extra
     from trainer.network import build_metadata
     from trainer.settings import FIELD_BY_KEY
 
-    h, w = s.image_size
+    # the image-pair modes train at their images' own size (traintrain_image_size "HxW"); image_size is not theirs
+    pair_size = str(extra.get("traintrain_image_size", ""))
+    h, w = (int(v) for v in pair_size.split("x")) if pair_size else s.image_size
     kohya = {k: str(v) for k, v in extra.items() if k.startswith("ss_")}  # the mode's own ss_* figures win
     if s.mode in FIELD_BY_KEY["noise_offset"].modes:  # the modes that noise real latents
         kohya = {"ss_noise_offset": str(float(s.noise_offset)), "ss_multires_noise_iterations":
@@ -238,6 +248,7 @@ def make_metadata(ctx: RunContext, s, network, *, suffix: str, steps: int, extra
     metadata = build_metadata(
         settings=s, network=network, bundle=ctx.bundle, output_name=ctx.out.name + suffix, steps=steps,
         seed=ctx.seed, started_at=ctx.started_at, resolution=(w, h), extra={"traintrain_mode": s.mode, **ours},
+        mixed_precision=ctx.precision.mixed_precision,
     )
     metadata.update(kohya)
     return metadata
@@ -332,7 +343,8 @@ def run_pass(
     if int(getattr(s, "sample_every_n_steps", 0) or 0) > 0 and ctx.is_main:
         from trainer.sampling.hook import build_preview_hook
 
-        previews = build_preview_hook(ctx, s, network, pass_index=pass_index, total_steps=total)
+        previews = build_preview_hook(ctx, s, network, pass_index=pass_index, total_steps=total,
+                                      optimizer=optimizer.optimizer)
     try:
         result = train_pass(
             loss_step, total_steps=total, optimizer=optimizer, schedule=schedule, precision=ctx.precision,
@@ -439,7 +451,7 @@ class CaptionEncoder:
 
 
 def encode_dataset_images(ctx: RunContext, plan, *, pairs: bool = False):
-    """Encode a data plan's images once, in batches, with a seeded latent sample; keep them on the device."""
+    """Encode a data plan's images once, in batches, with a seeded latent sample; the latents stay on the CPU."""
     from trainer.data import encode_pairs, encode_samples
 
     bundle, gen = ctx.bundle, ctx.generator(7)
@@ -457,10 +469,8 @@ def encode_dataset_images(ctx: RunContext, plan, *, pairs: bool = False):
     cached = encoder(plan, encode, batch_size=8, cache_dir=cache_dir, cache_key=f"{bundle.name}|{ctx.settings.vae}")
     seconds = time.perf_counter() - started
     ctx.events.info(f"Encoded {total} in {seconds:.1f} s ({total / max(seconds, 1e-9):.1f}/s)")
-    for bucket in cached.buckets:  # cached latents live on the device: no host-to-device copy per step
-        for name in ("latents", "orig_latents", "targ_latents", "masks"):
-            if hasattr(bucket, name):
-                setattr(bucket, name, getattr(bucket, name).to(bundle.device))
+    # the latents stay on the CPU (data/cache.py's contract): each step's gather moves its own batch only,
+    # so a big SDXL folder does not fill the device's memory
     for warning in plan.warnings:
         ctx.note(warning)
     return cached

@@ -92,6 +92,7 @@ def metadata_from_run(
     tag_frequency: Mapping[str, Mapping[str, int]] | None = None,
     num_train_images: int = 0,
     extra: Mapping[str, Any] | None = None,
+    mixed_precision: str | None = None,
 ) -> dict[str, str]:
     """Metadata from the settings, the network (its spec: ranks of a resumed file win) and the bundle.
 
@@ -104,6 +105,10 @@ def metadata_from_run(
         started_at: Unix time the job started.
         resolution: (width, height) in pixels.
         seed, finished_at, tag_frequency, num_train_images, extra: as in :func:`build_metadata_fields`.
+        mixed_precision: the autocast mode the run used (``fp16``/``bf16``/``no``); None reads it from
+            ``train_model_precision`` (fp32 → ``no``; model/int8 load half weights → ``fp16``).
+
+    The bundle's ``clip_skip`` (SD1/SD2) and ``zero_snr`` become ``ss_clip_skip`` and ``ss_zero_terminal_snr``.
     """
     spec = network.spec
 
@@ -136,13 +141,23 @@ def metadata_from_run(
         steps=steps,
         seed=seed if seed is not None else get("train_seed"),
         min_snr_gamma=get("train_snr_gamma"),
-        mixed_precision=str(get("train_lora_precision", "")),
+        mixed_precision=mixed_precision if mixed_precision is not None else _autocast_mode(get("train_model_precision", "")),
         num_train_images=num_train_images,
         batch_size=int(get("train_batch_size", 1) or 1),
         tag_frequency=tag_frequency,
         timestep_range=(int(get("train_min_timesteps", 0) or 0), int(get("train_max_timesteps", 1000) or 1000)),
+        clip_skip=getattr(bundle, "clip_skip", None),
+        zero_terminal_snr=bool(getattr(bundle, "zero_snr", False)),
         extra=extra,
     )
+
+
+def _autocast_mode(model_precision: str) -> str:
+    """kohya's ``mixed_precision`` value for a ``train_model_precision`` choice (no device known)."""
+    key = str(model_precision).lower()
+    if key in ("bf16", "bfloat16"):
+        return "bf16"
+    return "fp16" if key in ("fp16", "float16", "model", "int8") else "no"
 
 
 def build_metadata_fields(
@@ -175,6 +190,7 @@ def build_metadata_fields(
     tag_frequency: Mapping[str, Mapping[str, int]] | None = None,
     session_id: int | None = None,
     clip_skip: int | None = None,
+    zero_terminal_snr: bool | None = None,
     timestep_range: tuple[int, int] = (0, 1000),
     sd_model_hash: str | None = None,
     extra: Mapping[str, Any] | None = None,
@@ -192,10 +208,12 @@ def build_metadata_fields(
         training_started_at, training_finished_at: Unix times.
         learning_rate, unet_lr, text_encoder_lr: rates (None → not written).
         optimizer, lr_scheduler, lr_warmup_steps, max_train_steps, steps, seed, min_snr_gamma,
-            mixed_precision, num_train_images, batch_size: written as kohya's ``ss_*`` of the same meaning.
+            mixed_precision, num_train_images, batch_size: written as kohya's ``ss_*`` of the same meaning
+            (``mixed_precision``: the autocast mode, ``fp16``/``bf16``/``no``).
         tag_frequency: ``{dir: {tag: count}}`` for ``ss_tag_frequency`` (A1111's tag chips).
         session_id: kohya's random session id; drawn when None.
-        clip_skip: ``ss_clip_skip`` / ``modelspec.encoder_layer`` when given.
+        clip_skip: ``ss_clip_skip`` / ``modelspec.encoder_layer`` when given (kohya: 1 = last layer).
+        zero_terminal_snr: ``ss_zero_terminal_snr`` when given.
         timestep_range: ``modelspec.timestep_range``.
         sd_model_hash: sha256 of the base model (``ss_new_sd_model_hash``) when known.
         extra: mode details, written as ``traintrain_<key>`` (dicts/lists as JSON).
@@ -240,6 +258,7 @@ def build_metadata_fields(
         "ss_seed": seed,
         "ss_min_snr_gamma": min_snr_gamma,
         "ss_clip_skip": clip_skip,
+        "ss_zero_terminal_snr": None if zero_terminal_snr is None else str(bool(zero_terminal_snr)),
         "ss_new_sd_model_hash": sd_model_hash,
     }
     meta.update({k: v for k, v in optional.items() if v is not None})

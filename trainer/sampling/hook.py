@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from trainer.optim import averaged_weights
 from trainer.progress import PreviewEvent
 from trainer.sampling.prompts import SamplePrompt, parse_sample_prompts
 from trainer.sampling.render import OwnLoopRenderer, Renderer
@@ -88,11 +89,13 @@ class PreviewHook:
         renderer: the host's renderer, or our own loop.
         folder: where the images go.
         stem: file-name prefix (the LoRA name, ``_copy`` for Difference pass 1).
+        optimizer: the pass's optimizer (schedule-free ones are swapped to their averaged weights to render).
     """
 
     def __init__(self, ctx, s, network, *, prompts: list[SamplePrompt], renderer: Renderer, folder: Path, stem: str,
-                 pass_index: int, total_steps: int) -> None:
+                 pass_index: int, total_steps: int, optimizer=None) -> None:
         self.ctx, self.network, self.prompts, self.renderer = ctx, network, prompts, renderer
+        self.optimizer = optimizer
         self.folder, self.stem, self.pass_index, self.total = folder, stem, pass_index, total_steps
         self.every = int(s.sample_every_n_steps)
         self.sampler = str(s.sample_sampler)
@@ -116,20 +119,21 @@ class PreviewHook:
         bundle = self.ctx.bundle
         modules = [self.network, bundle.unet, *bundle.text_encoders.values()]
         written = []
-        for k, prompt in enumerate(self.prompts):
-            started = time.perf_counter()
-            with isolated(modules, bundle.device):
-                images = [self._at(m, prompt) for m in self.multipliers]
-            if any(image is None for image in images):  # the host returned nothing (its Interrupt)
-                self.ctx.events.info(f"preview {k} at step {step} skipped: the renderer returned no image")
-                continue
-            path = self.folder / f"{self.stem}_{step:06d}_{k}.png"
-            self.folder.mkdir(parents=True, exist_ok=True)
-            strip(images).save(path)
-            seconds = time.perf_counter() - started
-            self.ctx.events.emit(PreviewEvent(str(path), step, self.pass_index, prompt.prompt, self.multipliers,
-                                              round(seconds / len(images), 3)))
-            written.append(path)
+        with averaged_weights(self.optimizer):  # schedule-free: render what a save at this step would hold
+            for k, prompt in enumerate(self.prompts):
+                started = time.perf_counter()
+                with isolated(modules, bundle.device):
+                    images = [self._at(m, prompt) for m in self.multipliers]
+                if any(image is None for image in images):  # the host returned nothing (its Interrupt)
+                    self.ctx.events.info(f"preview {k} at step {step} skipped: the renderer returned no image")
+                    continue
+                path = self.folder / f"{self.stem}_{step:06d}_{k}.png"
+                self.folder.mkdir(parents=True, exist_ok=True)
+                strip(images).save(path)
+                seconds = time.perf_counter() - started
+                self.ctx.events.emit(PreviewEvent(str(path), step, self.pass_index, prompt.prompt, self.multipliers,
+                                                  round(seconds / len(images), 3)))
+                written.append(path)
         return written
 
     def _at(self, multiplier: float, prompt: SamplePrompt) -> Any:
@@ -152,8 +156,11 @@ def strip(images: list[Any]) -> Any:
     return out
 
 
-def build_preview_hook(ctx, s, network, *, pass_index: int, total_steps: int) -> PreviewHook:
+def build_preview_hook(ctx, s, network, *, pass_index: int, total_steps: int, optimizer=None) -> PreviewHook:
     """The hook for one pass: prompts resolved, renderer chosen (the host's if it offers one), folder planned.
+
+    Args:
+        optimizer: the pass's optimizer; a schedule-free one renders with its averaged weights, as saves do.
 
     Raises:
         SettingsError: (``sample_prompts``) a line that does not parse.
@@ -172,7 +179,8 @@ def build_preview_hook(ctx, s, network, *, pass_index: int, total_steps: int) ->
     ctx.events.info(f"Previews every {s.sample_every_n_steps} steps: {len(prompts)} prompt(s), {s.sample_sampler} "
                     f"by {by}, into {folder}")
     return PreviewHook(ctx, s, network, prompts=prompts, renderer=renderer, folder=folder,
-                       stem=ctx.out.name + ("_copy" if copier else ""), pass_index=pass_index, total_steps=total_steps)
+                       stem=ctx.out.name + ("_copy" if copier else ""), pass_index=pass_index, total_steps=total_steps,
+                       optimizer=optimizer)
 
 
 def samples_folder(out) -> Path:
