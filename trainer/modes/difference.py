@@ -122,7 +122,7 @@ def _copier(ctx: RunContext, s, pair, cond, extra):
         from trainer.network import network_from_file
 
         path = resolve_copier(ctx, s.diff_load_1st_pass)
-        copier = network_from_file(ctx.bundle, path)
+        copier = network_from_file(ctx.bundle, path, trained=True)  # as trained: no baked-in strength
         copier.attach()
         ctx.events.info(f"copier loaded from {path}: {copier.summary()}; pass 1 skipped")
         return copier, None

@@ -233,6 +233,8 @@ def make_metadata(ctx: RunContext, s, network, *, suffix: str, steps: int, extra
                  str(int(s.multires_noise_iterations)), "ss_multires_noise_discount": str(float(s.multires_noise_discount)),
                  **kohya}
     ours = {k: v for k, v in extra.items() if not k.startswith("ss_")}
+    # loading takes the baked-in strength out again (copier reuse, network_resume): the round trip is exact
+    ours["traintrain_network_strength"] = repr(float(s.network_strength))
     metadata = build_metadata(
         settings=s, network=network, bundle=ctx.bundle, output_name=ctx.out.name + suffix, steps=steps,
         seed=ctx.seed, started_at=ctx.started_at, resolution=(w, h), extra={"traintrain_mode": s.mode, **ours},
