@@ -301,8 +301,9 @@ FIELDS: tuple[Field, ...] = (
     # -- optional, column 3
     _opt(3, "train_model_precision", str, "fp16",
          "Dtype of the frozen U-Net/text encoder and the autocast mode. fp16/bf16 halve VRAM; bf16 is safer on "
-         "cards that support it; int8 quantises weights (torchao). model = fp16.",
-         choices=MODEL_PRECISIONS, **_DD, **_D2),
+         "cards that support it; int8 quantises weights (torchao). model = fp16. One value per job (the model is "
+         "loaded once): Difference pass 2 uses pass 1's.",
+         choices=MODEL_PRECISIONS, **_DD),
     _opt(3, "train_lora_precision", str, "fp32",
          "Dtype of the trainable adapters. fp32 is the stable choice.", choices=LORA_PRECISIONS, **_DD, **_D2),
     _opt(3, "save_precision", str, "fp16",
@@ -326,7 +327,7 @@ FIELDS: tuple[Field, ...] = (
     _opt(3, "save_as_json", bool, False,
          "Write these settings to json/<date>/<name>-<time>.json when a run starts (a run history).", **_CH),
     _opt(3, "model_v_pred", bool, False,
-         "Train against the v-prediction target. Tick for v models (SD2-768, v-pred SDXL finetunes).", **_CH, **_D2),
+         "Train against the v-prediction target. Tick for v models (SD2-768, v-pred SDXL finetunes).", **_CH),
     _f("use_2nd_pass_settings", bool, False,
        "Difference: use the values of this accordion for pass 2. Off = pass 2 repeats the pass-1 settings.",
        modes=_DIFF, section="pass2", **_CH, **_D2),

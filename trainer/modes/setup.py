@@ -6,6 +6,7 @@ commented where they exist.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import time
 from collections.abc import Callable
@@ -106,6 +107,23 @@ class RunContext:
             if why:
                 ctx.note(why)
         return ctx
+
+    def for_pass(self, s) -> RunContext:
+        """The context of Difference pass 2, built from the pass's own settings ``s``.
+
+        Pass 2 draws from its own ``train_seed`` (-1: the job's seed) and trains its adapters in its own
+        ``train_lora_precision``; events, outputs, the files written so far, notes, generators and frozen
+        networks are shared with pass 1. The frozen model stays as the host loaded it for the job
+        (``train_model_precision`` and ``model_v_pred`` are job-wide).
+        """
+        if s is self.settings:
+            return self
+        seed = int(s.train_seed) if int(s.train_seed) >= 0 else self.seed
+        if seed != self.seed:
+            seed_everything(seed)
+        precision = resolve_precision(self.settings.train_model_precision, s.train_lora_precision, self.bundle.device,
+                                      bool(getattr(s, "train_full_bf16", False)))
+        return dataclasses.replace(self, settings=s, seed=seed, precision=precision)
 
     def note(self, text: str) -> None:
         self.notes.append(text)
