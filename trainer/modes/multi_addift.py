@@ -26,6 +26,7 @@ from trainer.modes.setup import (
     finish,
     run_pass,
 )
+from trainer.paths import folder_name
 
 
 def planned_suffixes(s) -> list[str]:
@@ -82,7 +83,7 @@ def run(ctx: RunContext) -> ModeOutcome:
                               autocast=ctx.precision.autocast())
 
     counts = {f"{w}x{h}": n for (w, h), n in data.counts().items()}
-    extra = {"traintrain_data": str(s.lora_data_directory), "traintrain_diff_target_name": s.diff_target_name,
+    extra = {"traintrain_data": folder_name(s.lora_data_directory), "traintrain_diff_target_name": s.diff_target_name,
              "traintrain_pairs": str(len(plan.pairs)), "ss_tag_frequency": json.dumps({"1": tag_frequency(captions)}),
              "traintrain_timesteps": f"{s.train_min_timesteps},{s.train_max_timesteps}",
              **dataset_metadata(s, plan, batcher.steps_per_epoch)}

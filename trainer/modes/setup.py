@@ -262,15 +262,31 @@ def make_metadata(ctx: RunContext, s, network, *, suffix: str, steps: int, extra
 
 
 def save_network(ctx: RunContext, s, network, path: Path, *, steps: int, extra: dict[str, Any]) -> Path:
-    """Write ``network`` to ``path`` (atomic, finite-checked) with metadata; adapters in eval for saving."""
+    """Write ``network`` to ``path`` (atomic, finite-checked) with metadata; adapters in eval for saving.
+
+    Without ``save_overwrite`` the name is claimed when the file is written, not only when the job
+    started: if another run wrote a file of that name meanwhile, this one goes to the next free
+    ``<name>_N`` (said in a note), so neither finished LoRA is lost.
+
+    Returns:
+        The path actually written.
+    """
     from trainer.network import save_lora
 
     if not ctx.is_main:  # data parallel: every rank holds the same adapters, rank 0 writes them
         return path
-    suffix = path.stem[len(ctx.out.name):]
-    metadata = make_metadata(ctx, s, network, suffix=suffix, steps=steps, extra=extra)
     state = network.kohya_state_dict(dtype=save_dtype(s.save_precision), strength=float(s.network_strength))
-    save_lora(path, state, metadata)
+    wanted, base = path, path.stem[len(ctx.out.name):]
+    while True:
+        metadata = make_metadata(ctx, s, network, suffix=path.stem[len(ctx.out.name):], steps=steps, extra=extra)
+        try:
+            save_lora(path, state, metadata, exclusive=not ctx.out.overwrite)
+            break
+        except FileExistsError:
+            path = ctx.out.free_path(base)
+    if path != wanted:
+        ctx.note(f"{wanted.name} was created by something else while this run trained; saved as {path.name} "
+                 "instead (save_overwrite is off, so no LoRA is replaced)")
     ctx.events.info(f"Saved {path}")
     return path
 
@@ -321,8 +337,8 @@ def run_pass(
         if step not in epoch_saves or step in step_saves:
             names.append(f"_{step}steps")  # also the stop-and-save file
         for name in names:
-            path = ctx.out.free_path(f"{suffix}{name}")
-            written.append(save_network(ctx, s, network, path, steps=step or total, extra=extra))
+            path = save_network(ctx, s, network, ctx.out.free_path(f"{suffix}{name}"), steps=step or total, extra=extra)
+            written.append(path)
         train_mode(optimizer.optimizer)
         if ctx.is_main:  # the state to continue from this step (train mode: the optimizer as it trains)
             save_state(state_path(path), step=int(step or total), pass_index=pass_index, settings=s, network=network,
