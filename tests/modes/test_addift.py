@@ -66,3 +66,18 @@ def test_alt_ratio_zero_means_no_reverse_pass(trainer, image_pair, monkeypatch):
     assert result["status"] == "done" and result["steps"] == 4 and result["final_loss"] > 0
     trained = [m for m in multipliers if m != 0.0][:4]  # (the effect check after training asks for 1.0)
     assert trained == [addift.TRAIN_MULTIPLIER] * 4  # every step a forward step, at +0.25
+
+
+def test_multi_addift_refuses_a_pair_that_does_not_differ(trainer, tmp_path):
+    from .conftest import draw_image
+
+    folder = tmp_path / "pairs"
+    folder.mkdir()
+    draw_image(folder / "a.png", (200, 40, 40))
+    draw_image(folder / "a_after.png", (40, 60, 230))
+    draw_image(folder / "b.png", (90, 90, 90))
+    draw_image(folder / "b_after.png", (90, 90, 90))  # the same picture
+    with pytest.raises(InputError, match="do not differ") as err:
+        trainer.run(mode="Multi-ADDifT", model="tiny-sd1", save_lora_name="multi", train_iterations=1,
+                    lora_data_directory=str(folder), diff_target_name="_after", diff_use_diff_mask=True)
+    assert "b.png" in str(err.value) and "b_after.png" in str(err.value) and "/a.png" not in str(err.value)
