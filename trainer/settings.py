@@ -90,6 +90,7 @@ class Field:
         minimum, maximum: the legal range of a number (None = unbounded on that side); ``validate`` enforces
             it in the modes the field applies to, the README and the tab show it.
         above: ``minimum`` itself is excluded (``> 0`` rather than ``>= 0``).
+        range_hint: the fix an out-of-range message suggests (default: ``use e.g. <default>``).
         attr: attribute name on :class:`Settings` (derived from ``key``).
     """
 
@@ -107,6 +108,7 @@ class Field:
     minimum: float | None = None
     maximum: float | None = None
     above: bool = False
+    range_hint: str = ""
     attr: str = field(init=False)
 
     def __post_init__(self) -> None:
@@ -155,9 +157,9 @@ def _opt(col: int, key: str, type_: type, default: Any, help_: str, **kw: Any) -
 _DD, _CH, _TA = {"widget": "dropdown"}, {"widget": "checkbox"}, {"widget": "textarea"}
 
 
-def _range(minimum: float, maximum: float | None = None, *, above: bool = False) -> dict[str, Any]:
+def _range(minimum: float, maximum: float | None = None, *, above: bool = False, hint: str = "") -> dict[str, Any]:
     """Range keywords of a number field: ``minimum <= x <= maximum`` (``minimum < x`` when ``above``)."""
-    return {"minimum": minimum, "maximum": maximum, "above": above}
+    return {"minimum": minimum, "maximum": maximum, "above": above, "range_hint": hint}
 
 _D2 = {"pass2": True}
 
@@ -170,10 +172,11 @@ FIELDS: tuple[Field, ...] = (
          choices=NETWORK_TYPES, **_DD, **_D2),
     _req(1, "network_rank", int, 16,
          "Rank of each adapter. Higher learns more detail but overfits sooner and grows the file. "
-         "Typical: 16 for LoRA, 4 for iLECO/ADDifT.", choices=RANKS, **_DD, **_D2, **_range(1, 1024)),
+         "Typical: 16 for LoRA, 4 for iLECO/ADDifT.", choices=RANKS, **_DD, **_D2,
+         **_range(1, 1024, hint="use e.g. 16 (the file grows with the rank: 1024 is already hundreds of MB)")),
     _req(1, "network_alpha", float, 8.0,
          "Scale = alpha / rank. Lower alpha damps updates (pair with a higher learning rate). Typical: half the rank.",
-         choices=ALPHAS, **_DD, **_D2, **_range(0, 1024, above=True)),
+         choices=ALPHAS, **_DD, **_D2, **_range(0, 1024, above=True, hint="use e.g. half the rank")),
     _req(1, "lora_data_directory", str, "",
          "Folder of training images (searched recursively, captions from .txt/.caption). Used by LoRA and "
          "Multi-ADDifT; shown but unused in Difference.", modes=_DATA),
@@ -195,7 +198,8 @@ FIELDS: tuple[Field, ...] = (
          "Samples per step. Larger is smoother but needs more VRAM. Typical: 1-4.", **_D2, **_range(1, 1024)),
     _req(2, "train_learning_rate", float, "1e-4",
          "U-Net learning rate. Too high burns the image, too low learns nothing. Typical: 1e-4 (AdamW), "
-         "1.0 (Prodigy/D-Adaptation).", **_D2, **_range(0, 10, above=True)),
+         "1.0 (Prodigy/D-Adaptation).", **_D2,
+         **_range(0, 10, above=True, hint="use e.g. 1e-4 (AdamW) or 1.0 (Prodigy/D-Adaptation)")),
     # -- required, column 3
     _req(3, "train_optimizer", str, "AdamW",
          "Optimizer. AdamW is the safe default; 8bit variants save VRAM (bitsandbytes); Prodigy/D-Adaptation pick "
@@ -226,12 +230,14 @@ FIELDS: tuple[Field, ...] = (
          modes=_DATA),
     _opt(1, "network_strength", float, 1.0,
          "Scales the saved weights by this factor (each of up/down by its square root), so the LoRA at weight "
-         "1.0 acts like strength x (> 0; dora: 1 only). Typical: 1; ADDifT style presets use 2-5.", **_D2, **_range(0, 100, above=True)),
+         "1.0 acts like strength x (> 0; dora: 1 only). Typical: 1; ADDifT style presets use 2-5.", **_D2,
+         **_range(0, 100, above=True)),
     _opt(1, "network_conv_rank", int, 0,
          "Rank of 3x3 conv adapters (c3lier/loha/lokr). 0 = same as network rank.",
          choices=(0,) + RANKS, **_DD, **_D2, **_range(0, 1024)),
     _opt(1, "network_conv_alpha", float, 0.0,
-         "Alpha of 3x3 conv adapters. 0 = same as network alpha.", choices=(0.0,) + ALPHAS, **_DD, **_D2, **_range(0, 1024)),
+         "Alpha of 3x3 conv adapters. 0 = same as network alpha.", choices=(0.0,) + ALPHAS, **_DD, **_D2,
+         **_range(0, 1024)),
     _opt(1, "network_element", str, "Full",
          "Which sub-layers of attention blocks get adapters (lierla/c3lier): Full, CrossAttention (prompt "
          "response, good for concepts) or SelfAttention (layout/style). Empty means Full.",
@@ -243,9 +249,11 @@ FIELDS: tuple[Field, ...] = (
          "Grid step of the aspect-ratio buckets in pixels. Smaller = closer fit to each image, more buckets "
          "(smaller batches). Typical: 64-256.", choices=BUCKET_STEPS, modes=_DATA, **_DD),
     _opt(1, "image_num_multiply", int, 1,
-         "Repeat every image this many times per epoch; balances small datasets. Typical: 1.", modes=_DATA, **_range(1, 1000)),
+         "Repeat every image this many times per epoch; balances small datasets. Typical: 1.", modes=_DATA,
+         **_range(1, 1000)),
     _opt(1, "image_min_length", int, 512,
-         "Smallest bucket side in pixels. Typical: 512 (SD1), 768-1024 (SDXL).", modes=_DATA, **_range(0, 8192, above=True)),
+         "Smallest bucket side in pixels. Typical: 512 (SD1), 768-1024 (SDXL).", modes=_DATA,
+         **_range(0, 8192, above=True)),
     _opt(1, "image_max_ratio", float, 2.0,
          "Largest bucket aspect ratio; wider images are cropped. Typical: 2.", modes=_DATA, **_range(1, 16)),
     _opt(1, "sub_image_num", int, 0,
@@ -280,7 +288,8 @@ FIELDS: tuple[Field, ...] = (
     _opt(2, "train_lr_step_rules", str, "",
          "piecewise_constant only: 'factor:step,...,final', e.g. 1:100,0.1:200,0.01.", **_D2),
     _opt(2, "train_lr_warmup_steps", int, 0,
-         "Steps of linear warm-up (diffusers schedulers). Stabilises the first steps. Typical: 0-100.", **_D2, **_range(0)),
+         "Steps of linear warm-up (diffusers schedulers). Stabilises the first steps. Typical: 0-100.", **_D2,
+         **_range(0)),
     _opt(2, "train_lr_scheduler_num_cycles", int, 1,
          "Restarts of cosine_with_restarts. Typical: 1.", **_D2, **_range(0)),
     _opt(2, "train_lr_scheduler_power", float, 1.0,
@@ -292,7 +301,8 @@ FIELDS: tuple[Field, ...] = (
          "Also save a step-numbered LoRA every N steps (0 = only at the end).", **_D2, **_range(0)),
     _opt(2, "diff_alt_ratio", float, 1.0,
          "ADDifT: weight of the reverse (target->original) pass. 0 = no reverse pass (every step trains "
-         "original->target). Negative switches to noise-latent regularisation. Typical: 1.", modes=_ADDIFT, **_range(-100, 100)),
+         "original->target). Negative switches to noise-latent regularisation. Typical: 1.", modes=_ADDIFT,
+         **_range(-100, 100)),
     _opt(2, "diff_revert_original_target", bool, False,
          "ADDifT: swap original and target images (learn the opposite change).", modes=_ADDIFT, **_CH),
     _opt(2, "diff_use_diff_mask", bool, False,
@@ -323,7 +333,8 @@ FIELDS: tuple[Field, ...] = (
     _opt(3, "logging_verbose", bool, False,
          "Print extra detail: file counts and every adapted module name.", **_CH),
     _opt(3, "save_overwrite", bool, False,
-         "Allow overwriting an existing LoRA of the same name; off refuses to start instead.", **_CH, **_D2),
+         "Allow overwriting an existing LoRA of the same name. Off: a job refuses to start when its files exist, and "
+         "a name taken while it trained gets _1, _2... (no LoRA is ever replaced). One value per job.", **_CH),
     _opt(3, "save_as_json", bool, False,
          "Write these settings to json/<date>/<name>-<time>.json when a run starts (a run history).", **_CH),
     _opt(3, "model_v_pred", bool, False,
@@ -363,10 +374,12 @@ FIELDS: tuple[Field, ...] = (
          "Repeats of every regularization image in the reg pool (the pool is cycled so each epoch takes as many "
          "reg samples as there are training samples). Typical: 1.", modes=_LORA, **_range(1, 1000)),
     _opt(1, "prior_loss_weight", float, 1.0,
-         "Loss weight of regularization samples (kohya's prior-preservation weight). Typical: 1.", modes=_LORA, **_range(0)),
+         "Loss weight of regularization samples (kohya's prior-preservation weight). Typical: 1.", modes=_LORA,
+         **_range(0)),
     _opt(1, "train_epochs", int, 0,
          "Train this many epochs instead of train_iterations (steps = epochs x batches per epoch, shown before the "
-         "run). An epoch sees every image x its repeats once. 0 = use train_iterations.", modes=_DATASET, **_range(0, 100_000)),
+         "run). An epoch sees every image x its repeats once. 0 = use train_iterations.", modes=_DATASET,
+         **_range(0, 100_000)),
     _opt(1, "save_every_n_epochs", int, 0,
          "Also save <name>_epochN every N epochs, to find where the LoRA starts to overfit. 0 = off.",
          modes=_DATASET, **_range(0)),
@@ -396,7 +409,8 @@ FIELDS: tuple[Field, ...] = (
          "Multi-resolution (pyramid) noise levels added to the training noise; learns large-scale tone. "
          "Typical: 6-10; 0 = off.", modes=_NOISED, **_D2, **_range(0, 16)),
     _opt(2, "multires_noise_discount", float, 0.3,
-         "Weight falloff per multires noise level (lower = finer levels weaker). Typical: 0.3.", modes=_NOISED, **_D2, **_range(0, 1, above=True)),
+         "Weight falloff per multires noise level (lower = finer levels weaker). Typical: 0.3.", modes=_NOISED, **_D2,
+         **_range(0, 1, above=True)),
     _opt(3, "sample_every_n_steps", int, 0,
          "Render preview images every N steps (and at the end) into logs/<run>/samples/, shown live in the tab. "
          "iLECO/Difference/ADDifT show a strip at LoRA weight -1, 0, +1. Costs time; 0 = off.", **_D2, **_range(0)),
@@ -895,7 +909,8 @@ def _check_ranges(s: Settings, errors: list[SettingsError]) -> None:
             continue
         value = getattr(s, f.attr)
         if value is not None and f.out_of_range(value):
-            errors.append(SettingsError(f.key, f"{_num(value)} is outside {f.range_text}; use e.g. {f.default}"))
+            hint = f.range_hint or f"use e.g. {f.default}"
+            errors.append(SettingsError(f.key, f"{_num(value)} is outside {f.range_text}; {hint}"))
 
 
 def _check_numbers(s: Settings, errors: list[SettingsError]) -> None:

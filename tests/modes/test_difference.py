@@ -55,7 +55,7 @@ def test_pass_2_uses_its_own_lora_precision_and_checkpointing(trainer, image_pai
 
     monkeypatch.setattr(DiffusersBundle, "set_gradient_checkpointing", spy)
     result = _pass2_run(trainer, image_pair, "own", train_lora_precision="bf16", use_gradient_checkpointing=True,
-                        train_model_precision="bf16", model_v_pred=True)
+                        train_model_precision="bf16", model_v_pred=True, save_overwrite=False)
     assert result["status"] == "done"
     copier, diff = trainer.networks
     assert {p.dtype for p in copier.parameters()} == {torch.float32}
@@ -64,3 +64,4 @@ def test_pass_2_uses_its_own_lora_precision_and_checkpointing(trainer, image_pai
     assert not any(enabled for built, enabled in calls if built == 0)
     notes = " ".join(result["notes"])  # job-wide values are named, not silently dropped
     assert "2nd pass train_model_precision = bf16 is not used" in notes and "2nd pass model_v_pred" in notes
+    assert "2nd pass save_overwrite" in notes

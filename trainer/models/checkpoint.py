@@ -115,9 +115,12 @@ def read_state_dict(path: str | os.PathLike[str],
         raise InputError(path, f"{NOT_A_CHECKPOINT} (cannot be read as safetensors: {err})") from err
 
 
+_MAX_HEADER = 100_000_000  # safetensors' own limit on the JSON header
+
+
 def _incomplete(path: str, why: str) -> InputError:
     return InputError(path, f"is incomplete or corrupt ({why}), e.g. an interrupted download or copy; "
-                            "download or copy it again")
+                            "download or copy it again, or choose another file")
 
 
 def check_complete(path: str) -> None:
@@ -138,6 +141,8 @@ def check_complete(path: str) -> None:
             if head[8:9] != b"{":
                 return  # not safetensors: left to the reader's message
             length = int.from_bytes(head[:8], "little")
+            if length > _MAX_HEADER:
+                return  # no safetensors header is this long (random bytes): left to the reader
             if length > size - 8:
                 raise _incomplete(path, f"{size:,} bytes, cut off inside its {length:,}-byte header")
             handle.seek(8)

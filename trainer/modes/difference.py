@@ -110,13 +110,14 @@ def run(ctx: RunContext) -> ModeOutcome:
 
 
 def _note_job_wide(ctx: RunContext, s) -> None:
-    """Say so when pass-2 values of job-wide settings differ: the model is loaded once per job."""
+    """Say so when pass-2 values of job-wide settings differ (they have no pass-2 mark in the table)."""
     if s.pass2 is None or not s.pass2.use_2nd_pass_settings:
         return
-    for key in ("train_model_precision", "model_v_pred"):
+    for key, why in (("train_model_precision", "the model is loaded once per job"),
+                     ("model_v_pred", "the model is loaded once per job"),
+                     ("save_overwrite", "the job's files are planned once, before pass 1")):
         if s.pass2.raw[key] != s.raw[key]:
-            ctx.note(f"2nd pass {key} = {s.pass2.raw[key]} is not used: the model is loaded once per job "
-                     f"with {key} = {s.raw[key]}")
+            ctx.note(f"2nd pass {key} = {s.pass2.raw[key]} is not used: {why}, with {key} = {s.raw[key]}")
 
 
 def _copier_from_state(ctx: RunContext, s, state):

@@ -42,6 +42,13 @@ def _fit_to_multiple(img: Image.Image, multiple: int) -> Image.Image:
     return img.crop((left, top, left + nw, top + nh))
 
 
+def empty_mask_error(pair: str) -> InputError:
+    """The error for a pair that does not differ anywhere while ``diff_use_diff_mask`` is on."""
+    return InputError(pair, "the original and target images do not differ anywhere (no pixel changes by more "
+                            f"than {DIFF_THRESHOLD}/765), so diff_use_diff_mask leaves nothing to learn; "
+                            "choose a pair that differs or untick diff_use_diff_mask")
+
+
 def check_diff_mask(mask: torch.Tensor, pair: str) -> None:
     """Refuse a pair whose difference mask is empty: ``diff_use_diff_mask`` would train on nothing.
 
@@ -49,9 +56,7 @@ def check_diff_mask(mask: torch.Tensor, pair: str) -> None:
         InputError: naming the pair and the fix.
     """
     if not bool(mask.any()):
-        raise InputError(pair, "the original and target images do not differ anywhere (no pixel changes by more "
-                               f"than {DIFF_THRESHOLD}/765), so diff_use_diff_mask leaves nothing to learn; "
-                               "choose a pair that differs or untick diff_use_diff_mask")
+        raise empty_mask_error(pair)
 
 
 def load_image_pair(ctx, s) -> ImagePair:

@@ -15,7 +15,7 @@ from trainer.data import BucketBatcher, tag_frequency
 from trainer.effect import measure_effect
 from trainer.modes.addift import addift_loss
 from trainer.modes.dataset import dataset_metadata, plan_pair_data, plan_steps
-from trainer.modes.inputs import check_diff_mask
+from trainer.modes.inputs import empty_mask_error
 from trainer.modes.lora import caption_augment
 from trainer.modes.setup import (
     CaptionEncoder,
@@ -48,7 +48,7 @@ def _check_masks(data) -> None:
             changed[name] = changed.get(name, False) or bool(mask.any())
     for name, ok in changed.items():
         if not ok:
-            check_diff_mask(torch.zeros(1), name)
+            raise empty_mask_error(name)
 
 
 def run(ctx: RunContext) -> ModeOutcome:
