@@ -57,3 +57,35 @@ def test_check_flags_a_lora_that_changes_nothing(tmp_path, capsys):
     path = save_lora(tmp_path / "zero.safetensors", network.kohya_state_dict(dtype=torch.float32), {"ss_network_dim": "4"})
     assert main(["check", str(path), "--model", "tiny-sd1", "--size", "64"]) == 1
     assert "changes nothing" in capsys.readouterr().out
+
+
+def test_ctrl_c_saves_then_exits_130(tmp_path, capsys, monkeypatch):
+    import os
+    import signal
+
+    from PIL import Image
+
+    import trainer.__main__ as cli
+
+    data = tmp_path / "data"
+    data.mkdir()
+    Image.new("RGB", (64, 64), (200, 40, 40)).save(data / "i0.png")
+    real_call, calls = cli._StopOnSignal.__call__, []
+
+    def press_ctrl_c_once(self):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # through the real handler: stop and save after this step
+        return real_call(self)
+
+    monkeypatch.setattr(cli._StopOnSignal, "__call__", press_ctrl_c_once)
+    result_path = tmp_path / "result.json"
+    code = main(["train", "--mode", "LoRA", "--model", "tiny-sd1", "--lora-dir", str(tmp_path / "out"),
+                 "--logs-dir", str(tmp_path / "logs"), "--quiet", "--result-json", str(result_path),
+                 "--set", f"lora_data_directory={data}", "--set", "image_size(height, width)=64",
+                 "--set", "image_buckets_step=32", "--set", "image_min_length=32", "--set", "train_iterations=50",
+                 "--set", "train_batch_size=1", "--set", "save_lora_name=stopped"])
+    result = json.loads(result_path.read_text())
+    assert code == 130 and result["status"] == "saved_stop" and result["steps"] < 50
+    assert load_lora(result["lora_path"])[1]["ss_steps"] == str(result["steps"])  # saved before exiting
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler was put back

@@ -227,7 +227,14 @@ def test_valid_settings_per_mode_have_no_problems():
 
 
 @pytest.mark.parametrize(("layer", "key", "words"), [
-    ({"network_rank": 0}, "network_rank", "below 1"),
+    ({"network_rank": 0}, "network_rank", "outside 1..1024"),
+    ({"network_rank": 100000}, "network_rank", "100000 is outside 1..1024"),  # wrote a 1.25 GB LoRA before
+    ({"network_strength": -1}, "network_strength", "outside > 0"),  # crashed at save time, after the run
+    ({"network_strength": 0}, "network_strength", "outside > 0"),  # saved an all-zero LoRA
+    ({"network_type": "dora", "network_strength": 2}, "network_strength", "dora"),  # crashed at save time
+    ({"caption_dropout_rate": 1.5}, "caption_dropout_rate", "0..1"),
+    ({"train_lr_warmup_steps": -5}, "train_lr_warmup_steps", ">= 0"),
+    ({SIZE: "16384"}, SIZE, "8-8192"),
     ({"network_alpha": 0}, "network_alpha", "> 0"),
     ({"train_min_timesteps": 600, "train_max_timesteps": 500}, "train_min_timesteps", "not below"),
     ({"train_max_timesteps": 1200}, "train_max_timesteps", "0..1000"),
@@ -235,8 +242,8 @@ def test_valid_settings_per_mode_have_no_problems():
     ({"image_buckets_step": 576, SIZE: "512"}, "image_buckets_step", "smaller image side"),
     ({SIZE: "500"}, SIZE, "multiple of 8"),
     ({"image_min_length": 1024}, "image_min_length", "larger image side"),
-    ({"train_batch_size": 0}, "train_batch_size", "below 1"),
-    ({"train_iterations": 0}, "train_iterations", "below 1"),
+    ({"train_batch_size": 0}, "train_batch_size", "outside 1..1024"),
+    ({"train_iterations": 0}, "train_iterations", "outside 1.."),
     ({"train_learning_rate": "0"}, "train_learning_rate", "> 0"),
     ({"train_optimizer": SEPARATOR}, "train_optimizer", "choose a real optimizer, not the separator line"),
     ({"train_optimizer": "adamw9bit"}, "train_optimizer", "AdamW8bit"),
@@ -251,6 +258,22 @@ def test_validate_catches(layer, key, words):
     errors = _errors(**{"lora_data_directory": "/data", **layer})
     assert key in errors and words in errors[key]
     assert errors[key].startswith(f"{key}: ") and ";" in errors[key]
+
+
+def test_ranges_apply_only_in_the_modes_of_their_field_and_to_pass_2():
+    assert "diff_alt_ratio" in _errors(mode="ADDifT", diff_alt_ratio=1000, **{"original image": "a", "target image": "b"})
+    assert "diff_alt_ratio" not in _errors(diff_alt_ratio=1000)  # a LoRA job does not read it
+    pass2 = _errors(mode="Difference", **{"original image": "a", "target image": "b",
+                                          "2nd pass": {"use_2nd_pass_settings": True, "network_rank": 5000}})
+    assert "2nd pass.network_rank" in pass2 and "network_rank" not in pass2
+
+
+def test_every_range_is_shown_in_the_readme_table():
+    table = settings_markdown()
+    for f in FIELDS:
+        if f.range_text:
+            row = next(r for r in table.splitlines() if r.startswith(f"| `{f.key.replace('|', '')}`"))
+            assert f"range {f.range_text}" in row, f.key
 
 
 def test_validate_reports_all_problems_at_once():

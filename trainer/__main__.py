@@ -1,7 +1,7 @@
 """Command line: ``python -m trainer {train,demo,ui,bench,check}``.
 
 Bad input ends with exit code 2 and one line naming the field and the fix; details of unexpected
-errors go to stderr.
+errors go to stderr. A run stopped with Ctrl+C exits 130 (after saving, on the first Ctrl+C).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from pathlib import Path
 from trainer.errors import TrainTrainError
 
 ROOT = Path(__file__).resolve().parent.parent
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for a Ctrl+C
 
 
 def _train_parser(sub) -> None:
@@ -107,7 +108,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     finally:
         # the result is written before the ranks part: nothing is left to lose in the teardown
         dp.close(succeeded)
-    return 0
+    # a stopped run saved what it saves, but did not finish: scripts must see that (128 + SIGINT, as shells do)
+    return EXIT_INTERRUPTED if result["status"] in ("stopped", "saved_stop") else 0
 
 
 class _StopOnSignal:
@@ -185,6 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     except TrainTrainError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl+C twice: stopped at once, nothing more saved
+        print("\nAborted.", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import tempfile
@@ -36,6 +37,13 @@ def safe_name(name: str, key: str) -> str:
     if _BAD_NAME.search(stripped):
         raise SettingsError(key, f"{name!r} contains a character that file names cannot hold (<>:\"|?* or control)")
     return stripped
+
+
+def folder_name(path: str | os.PathLike[str]) -> str:
+    """The last part of a folder's path, for metadata: a shared LoRA must not reveal the user's folders
+    (kohya's ``ss_dataset_dirs`` likewise holds names only). ``""`` stays ``""``."""
+    text = os.fspath(path).strip()
+    return Path(text).expanduser().resolve().name if text else ""
 
 
 def inside(folder: str | os.PathLike[str], *parts: str) -> Path:
@@ -102,10 +110,18 @@ def file_mode() -> int:
     return 0o666 & ~_umask()
 
 
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, exclusive: bool = False) -> Path:
     """Write ``data`` to ``path`` through a temp file in the same folder, fsync, then rename.
 
     A crash or a full disk leaves either the old file or none, never a partial one.
+
+    Args:
+        exclusive: never replace an existing file, even one that appeared while this file was being
+            written (the finished file is linked into place, which fails when the name is taken).
+
+    Raises:
+        FileExistsError: ``exclusive`` and ``path`` exists; nothing was written.
+        WriteError: the file system refused the write.
     """
     target = Path(path)
     tmp = None
@@ -115,14 +131,34 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(tmp, target)
+        if exclusive:
+            _publish_new(Path(tmp), target)
+        else:
+            os.replace(tmp, target)
     except BaseException as err:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
-        if isinstance(err, OSError):  # full disk, read-only folder, no permission: one clear line
+        if isinstance(err, OSError) and not isinstance(err, FileExistsError):  # full disk, read-only folder, ...
             raise WriteError(str(target), err) from err
         raise
     return target
+
+
+def _publish_new(tmp: Path, target: Path) -> None:
+    """Move a finished temp file to ``target`` only if that name is free, atomically where the OS can."""
+    try:
+        os.link(tmp, target)  # fails with FileExistsError when the name is taken: check and create in one step
+    except FileExistsError:
+        raise
+    except OSError:  # no hard links here (FAT, some network shares)
+        if os.name == "nt":
+            os.rename(tmp, target)  # Windows' rename refuses an existing target
+            return
+        if target.exists():
+            raise FileExistsError(errno.EEXIST, "file exists", str(target)) from None
+        os.replace(tmp, target)
+        return
+    tmp.unlink()
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:

@@ -65,6 +65,7 @@ SCHEDULERS: tuple[str, ...] = (
     "multi_step", "reduce_on_plateau", "cyclic", "one_cycle",
 )  # fmt: skip
 SAMPLE_SAMPLERS = ("Euler", "DDIM")
+MAX_IMAGE_PX = 8192  # a side beyond this is a typo (an SDXL latent of 8192 px already needs ~100 GB to train)
 _PRECISION_ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "", "no", "off", "none"}
@@ -86,6 +87,10 @@ class Field:
         widget: ``dropdown``, ``text``, ``checkbox``, ``checkboxgroup``, ``textarea`` or ``image``.
         label: UI label (the key with ``_`` -> space unless given).
         help: effect · trade-off · typical value.
+        minimum, maximum: the legal range of a number (None = unbounded on that side); ``validate`` enforces
+            it in the modes the field applies to, the README and the tab show it.
+        above: ``minimum`` itself is excluded (``> 0`` rather than ``>= 0``).
+        range_hint: the fix an out-of-range message suggests (default: ``use e.g. <default>``).
         attr: attribute name on :class:`Settings` (derived from ``key``).
     """
 
@@ -100,6 +105,10 @@ class Field:
     widget: str = "text"
     label: str = ""
     help: str = ""
+    minimum: float | None = None
+    maximum: float | None = None
+    above: bool = False
+    range_hint: str = ""
     attr: str = field(init=False)
 
     def __post_init__(self) -> None:
@@ -107,6 +116,29 @@ class Field:
         if not self.label:
             object.__setattr__(self, "label", self.key.replace("_", " "))
         assert self.section in SECTIONS and self.widget in WIDGETS and 1 <= self.column <= 3, self.key
+
+    @property
+    def range_text(self) -> str:
+        """The legal range as people write it (``1..1024``, ``> 0``, ``>= 0``), or "" when unbounded."""
+        lo, hi = self.minimum, self.maximum
+        if lo is None and hi is None:
+            return ""
+        if lo is not None and hi is not None and not self.above:
+            return f"{_num(lo)}..{_num(hi)}"
+        low = "" if lo is None else f"{'>' if self.above else '>='} {_num(lo)}"
+        high = "" if hi is None else f"<= {_num(hi)}"
+        return " and ".join(p for p in (low, high) if p)
+
+    def out_of_range(self, value: float) -> bool:
+        """Whether a number lies outside :attr:`minimum` .. :attr:`maximum`."""
+        if self.minimum is not None and (value <= self.minimum if self.above else value < self.minimum):
+            return True
+        return self.maximum is not None and value > self.maximum
+
+
+def _num(x: float) -> str:
+    """A bound as typed: 1024, 0.5, 10000000 (never 1e+07)."""
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
 
 
 def _f(key: str, type_: type, default: Any, help_: str, **kw: Any) -> Field:
@@ -123,6 +155,12 @@ def _opt(col: int, key: str, type_: type, default: Any, help_: str, **kw: Any) -
 
 
 _DD, _CH, _TA = {"widget": "dropdown"}, {"widget": "checkbox"}, {"widget": "textarea"}
+
+
+def _range(minimum: float, maximum: float | None = None, *, above: bool = False, hint: str = "") -> dict[str, Any]:
+    """Range keywords of a number field: ``minimum <= x <= maximum`` (``minimum < x`` when ``above``)."""
+    return {"minimum": minimum, "maximum": maximum, "above": above, "range_hint": hint}
+
 _D2 = {"pass2": True}
 
 # Reference export order (§4.2) first, then our additions, then the job keys.
@@ -134,10 +172,11 @@ FIELDS: tuple[Field, ...] = (
          choices=NETWORK_TYPES, **_DD, **_D2),
     _req(1, "network_rank", int, 16,
          "Rank of each adapter. Higher learns more detail but overfits sooner and grows the file. "
-         "Typical: 16 for LoRA, 4 for iLECO/ADDifT.", choices=RANKS, **_DD, **_D2),
+         "Typical: 16 for LoRA, 4 for iLECO/ADDifT.", choices=RANKS, **_DD, **_D2,
+         **_range(1, 1024, hint="use e.g. 16 (the file grows with the rank: 1024 is already hundreds of MB)")),
     _req(1, "network_alpha", float, 8.0,
          "Scale = alpha / rank. Lower alpha damps updates (pair with a higher learning rate). Typical: half the rank.",
-         choices=ALPHAS, **_DD, **_D2),
+         choices=ALPHAS, **_DD, **_D2, **_range(0, 1024, above=True, hint="use e.g. half the rank")),
     _req(1, "lora_data_directory", str, "",
          "Folder of training images (searched recursively, captions from .txt/.caption). Used by LoRA and "
          "Multi-ADDifT; shown but unused in Difference.", modes=_DATA),
@@ -154,12 +193,13 @@ FIELDS: tuple[Field, ...] = (
          "512 (SD1), 1024 (SDXL).", modes=frozenset({"LoRA", "iLECO", "Multi-ADDifT"})),
     _req(2, "train_iterations", int, 1000,
          "Number of optimizer steps. More steps = stronger effect and more time. Typical: 1000 LoRA, 300-500 iLECO, "
-         "30-50 ADDifT.", **_D2),
+         "30-50 ADDifT.", **_D2, **_range(1, 10_000_000)),
     _req(2, "train_batch_size", int, 2,
-         "Samples per step. Larger is smoother but needs more VRAM. Typical: 1-4.", **_D2),
+         "Samples per step. Larger is smoother but needs more VRAM. Typical: 1-4.", **_D2, **_range(1, 1024)),
     _req(2, "train_learning_rate", float, "1e-4",
          "U-Net learning rate. Too high burns the image, too low learns nothing. Typical: 1e-4 (AdamW), "
-         "1.0 (Prodigy/D-Adaptation).", **_D2),
+         "1.0 (Prodigy/D-Adaptation).", **_D2,
+         **_range(0, 10, above=True, hint="use e.g. 1e-4 (AdamW) or 1.0 (Prodigy/D-Adaptation)")),
     # -- required, column 3
     _req(3, "train_optimizer", str, "AdamW",
          "Optimizer. AdamW is the safe default; 8bit variants save VRAM (bitsandbytes); Prodigy/D-Adaptation pick "
@@ -190,12 +230,14 @@ FIELDS: tuple[Field, ...] = (
          modes=_DATA),
     _opt(1, "network_strength", float, 1.0,
          "Scales the saved weights by this factor (each of up/down by its square root), so the LoRA at weight "
-         "1.0 acts like strength x. Typical: 1; ADDifT style presets use 2-5.", **_D2),
+         "1.0 acts like strength x (> 0; dora: 1 only). Typical: 1; ADDifT style presets use 2-5.", **_D2,
+         **_range(0, 100, above=True)),
     _opt(1, "network_conv_rank", int, 0,
          "Rank of 3x3 conv adapters (c3lier/loha/lokr). 0 = same as network rank.",
-         choices=(0,) + RANKS, **_DD, **_D2),
+         choices=(0,) + RANKS, **_DD, **_D2, **_range(0, 1024)),
     _opt(1, "network_conv_alpha", float, 0.0,
-         "Alpha of 3x3 conv adapters. 0 = same as network alpha.", choices=(0.0,) + ALPHAS, **_DD, **_D2),
+         "Alpha of 3x3 conv adapters. 0 = same as network alpha.", choices=(0.0,) + ALPHAS, **_DD, **_D2,
+         **_range(0, 1024)),
     _opt(1, "network_element", str, "Full",
          "Which sub-layers of attention blocks get adapters (lierla/c3lier): Full, CrossAttention (prompt "
          "response, good for concepts) or SelfAttention (layout/style). Empty means Full.",
@@ -207,14 +249,16 @@ FIELDS: tuple[Field, ...] = (
          "Grid step of the aspect-ratio buckets in pixels. Smaller = closer fit to each image, more buckets "
          "(smaller batches). Typical: 64-256.", choices=BUCKET_STEPS, modes=_DATA, **_DD),
     _opt(1, "image_num_multiply", int, 1,
-         "Repeat every image this many times per epoch; balances small datasets. Typical: 1.", modes=_DATA),
+         "Repeat every image this many times per epoch; balances small datasets. Typical: 1.", modes=_DATA,
+         **_range(1, 1000)),
     _opt(1, "image_min_length", int, 512,
-         "Smallest bucket side in pixels. Typical: 512 (SD1), 768-1024 (SDXL).", modes=_DATA),
+         "Smallest bucket side in pixels. Typical: 512 (SD1), 768-1024 (SDXL).", modes=_DATA,
+         **_range(0, 8192, above=True)),
     _opt(1, "image_max_ratio", float, 2.0,
-         "Largest bucket aspect ratio; wider images are cropped. Typical: 2.", modes=_DATA),
+         "Largest bucket aspect ratio; wider images are cropped. Typical: 2.", modes=_DATA, **_range(1, 16)),
     _opt(1, "sub_image_num", int, 0,
          "Extra down-scaled copies of each image (teaches scale invariance, more steps per epoch). Typical: 0.",
-         modes=_DATA),
+         modes=_DATA, **_range(0, 16)),
     _opt(1, "image_mirroring", bool, False,
          "Also train on horizontally flipped copies. Doubles data; wrong for asymmetric subjects (text, logos).",
          modes=_DATA, **_CH),
@@ -234,10 +278,10 @@ FIELDS: tuple[Field, ...] = (
          "Random seed for noise, timesteps and shuffling; -1 draws a new one (recorded in the LoRA).", **_D2),
     _opt(2, "train_min_timesteps", int, 0,
          "Lowest diffusion timestep sampled (inclusive, 0-1000). Raising it trains composition rather than detail.",
-         **_D2),
+         **_D2, **_range(0, 1000)),
     _opt(2, "train_max_timesteps", int, 1000,
          "Highest timestep sampled (exclusive, 1-1000). Lowering it trains fine detail/style. ADDifT: 500-1000 for "
-         "actions, 200-400 for style.", **_D2),
+         "actions, 200-400 for style.", **_D2, **_range(0, 1000)),
     _opt(2, "train_loss_function", str, "MSE",
          "Loss between prediction and target. MSE is standard; L1/Smooth-L1 are less sensitive to outliers.",
          choices=LOSSES, **_DD, **_D2),
@@ -246,19 +290,20 @@ FIELDS: tuple[Field, ...] = (
     _opt(2, "train_lr_warmup_steps", int, 0,
          "Steps of linear warm-up from lr 0, for every scheduler but constant and piecewise_constant (as kohya); "
          "torch schedulers (cosine_annealing, …) run over the steps after it. Stabilises the first steps. "
-         "Typical: 0-100.", **_D2),
+         "Typical: 0-100.", **_D2, **_range(0)),
     _opt(2, "train_lr_scheduler_num_cycles", int, 1,
-         "Restarts of cosine_with_restarts. Typical: 1.", **_D2),
+         "Restarts of cosine_with_restarts. Typical: 1.", **_D2, **_range(0)),
     _opt(2, "train_lr_scheduler_power", float, 1.0,
-         "Exponent of the polynomial scheduler; 1 = linear decay.", **_D2),
+         "Exponent of the polynomial scheduler; 1 = linear decay.", **_D2, **_range(0)),
     _opt(2, "train_snr_gamma", float, 5.0,
          "Min-SNR loss weighting gamma: down-weights easy low-noise steps for faster convergence. <= 0 disables. "
          "Typical: 5.", **_D2),
     _opt(2, "save_per_steps", int, 0,
-         "Also save a step-numbered LoRA every N steps (0 = only at the end).", **_D2),
+         "Also save a step-numbered LoRA every N steps (0 = only at the end).", **_D2, **_range(0)),
     _opt(2, "diff_alt_ratio", float, 1.0,
-         "ADDifT: weight of the reverse (target->original) pass. Negative switches to noise-latent "
-         "regularisation. Typical: 1.", modes=_ADDIFT),
+         "ADDifT: weight of the reverse (target->original) pass. 0 = no reverse pass (every step trains "
+         "original->target). Negative switches to noise-latent regularisation. Typical: 1.", modes=_ADDIFT,
+         **_range(-100, 100)),
     _opt(2, "diff_revert_original_target", bool, False,
          "ADDifT: swap original and target images (learn the opposite change).", modes=_ADDIFT, **_CH),
     _opt(2, "diff_use_diff_mask", bool, False,
@@ -267,8 +312,9 @@ FIELDS: tuple[Field, ...] = (
     # -- optional, column 3
     _opt(3, "train_model_precision", str, "fp16",
          "Dtype of the frozen U-Net/text encoder and the autocast mode. fp16/bf16 halve VRAM; bf16 is safer on "
-         "cards that support it; int8 quantises weights (torchao). model = fp16.",
-         choices=MODEL_PRECISIONS, **_DD, **_D2),
+         "cards that support it; int8 quantises weights (torchao). model = fp16. One value per job (the model is "
+         "loaded once): Difference pass 2 uses pass 1's.",
+         choices=MODEL_PRECISIONS, **_DD),
     _opt(3, "train_lora_precision", str, "fp32",
          "Dtype of the trainable adapters. fp32 is the stable choice.", choices=LORA_PRECISIONS, **_DD, **_D2),
     _opt(3, "save_precision", str, "fp16",
@@ -288,11 +334,12 @@ FIELDS: tuple[Field, ...] = (
     _opt(3, "logging_verbose", bool, False,
          "Print extra detail: file counts and every adapted module name.", **_CH),
     _opt(3, "save_overwrite", bool, False,
-         "Allow overwriting an existing LoRA of the same name; off refuses to start instead.", **_CH, **_D2),
+         "Allow overwriting an existing LoRA of the same name. Off: a job refuses to start when its files exist, and "
+         "a name taken while it trained gets _1, _2... (no LoRA is ever replaced). One value per job.", **_CH),
     _opt(3, "save_as_json", bool, False,
          "Write these settings to json/<date>/<name>-<time>.json when a run starts (a run history).", **_CH),
     _opt(3, "model_v_pred", bool, False,
-         "Train against the v-prediction target. Tick for v models (SD2-768, v-pred SDXL finetunes).", **_CH, **_D2),
+         "Train against the v-prediction target. Tick for v models (SD2-768, v-pred SDXL finetunes).", **_CH),
     _f("use_2nd_pass_settings", bool, False,
        "Difference: use the values of this accordion for pass 2. Off = pass 2 repeats the pass-1 settings.",
        modes=_DIFF, section="pass2", **_CH, **_D2),
@@ -309,7 +356,7 @@ FIELDS: tuple[Field, ...] = (
          "one). Each is 3-6x the LoRA's size; off saves the disk but a stopped run cannot continue exactly.",
          **_CH),
     _opt(2, "train_max_grad_norm", float, 0.0,
-         "Clip the gradient norm to this value; guards against loss spikes. 0 = off. Typical: 1.", **_D2),
+         "Clip the gradient norm to this value; guards against loss spikes. 0 = off. Typical: 1.", **_D2, **_range(0)),
     _opt(3, "train_compile", bool, False,
          "torch.compile the U-Net: faster steps after a slow first step; not on every platform.", **_CH),
     _opt(3, "train_full_bf16", bool, False,
@@ -331,15 +378,17 @@ FIELDS: tuple[Field, ...] = (
          "general answer for the class. Empty = none. Subfolders may be named N_name for N repeats.", modes=_LORA),
     _opt(1, "reg_num_multiply", int, 1,
          "Repeats of every regularization image in the reg pool (the pool is cycled so each epoch takes as many "
-         "reg samples as there are training samples). Typical: 1.", modes=_LORA),
+         "reg samples as there are training samples). Typical: 1.", modes=_LORA, **_range(1, 1000)),
     _opt(1, "prior_loss_weight", float, 1.0,
-         "Loss weight of regularization samples (kohya's prior-preservation weight). Typical: 1.", modes=_LORA),
+         "Loss weight of regularization samples (kohya's prior-preservation weight). Typical: 1.", modes=_LORA,
+         **_range(0)),
     _opt(1, "train_epochs", int, 0,
          "Train this many epochs instead of train_iterations (steps = epochs x batches per epoch, shown before the "
-         "run). An epoch sees every image x its repeats once. 0 = use train_iterations.", modes=_DATASET),
+         "run). An epoch sees every image x its repeats once. 0 = use train_iterations.", modes=_DATASET,
+         **_range(0, 100_000)),
     _opt(1, "save_every_n_epochs", int, 0,
          "Also save <name>_epochN every N epochs, to find where the LoRA starts to overfit. 0 = off.",
-         modes=_DATASET),
+         modes=_DATASET, **_range(0)),
     _opt(1, "shuffle_caption", bool, False,
          "Shuffle the caption's tags (split on caption_separator) every time an image is used, so no tag "
          "order is learned. The trigger word and the first keep_tokens tags stay in place.",
@@ -348,13 +397,13 @@ FIELDS: tuple[Field, ...] = (
          "What separates tags in captions (for shuffling and tag dropout). Typical: ','.", modes=_DATASET),
     _opt(1, "keep_tokens", int, 0,
          "The first N tags (after the trigger word) are never shuffled or dropped. Typical: 1-2 for a character "
-         "name kept up front.", modes=_DATASET),
+         "name kept up front.", modes=_DATASET, **_range(0)),
     _opt(1, "caption_dropout_rate", float, 0.0,
          "Chance that a sample's whole caption is replaced by the empty prompt (teaches the unconditional answer, "
-         "helps CFG). 0-1. Typical: 0-0.1.", modes=_DATASET),
+         "helps CFG). 0-1. Typical: 0-0.1.", modes=_DATASET, **_range(0, 1)),
     _opt(1, "caption_tag_dropout_rate", float, 0.0,
          "Chance that each tag (outside the kept ones) is dropped from a sample's caption. 0-1. Typical: 0-0.1.",
-         modes=_DATASET),
+         modes=_DATASET, **_range(0, 1)),
     _opt(1, "masked_loss", bool, False,
          "Weight the loss per pixel by the image's alpha channel or a <name>_mask.png beside it (white = learn, "
          "black = ignore), so backgrounds are not learned. Images without a mask count everywhere. As kohya, the "
@@ -364,19 +413,19 @@ FIELDS: tuple[Field, ...] = (
          "Condition on the text encoder's N-th layer from the end, then its final norm (kohya's clip_skip, "
          "A1111's 'Clip skip'): 1 = last layer, 2 = penultimate (what NAI-style anime SD1 models expect). SD2's "
          "encoder already is OpenCLIP's penultimate layer, so 1 there; SDXL ignores it. In the Web-UI its own "
-         "Clip skip option applies. Typical: 1, or 2 for anime SD1 models."),
+         "Clip skip option applies. Typical: 1, or 2 for anime SD1 models.", **_range(1, 12, hint="1, or 2 for anime SD1 models")),
     _opt(2, "noise_offset", float, 0.0,
          "Add a per-channel constant of this size to the training noise so the LoRA can learn very dark and "
-         "bright images. Typical: 0.03-0.1; 0 = off.", modes=_NOISED, **_D2),
+         "bright images. Typical: 0.03-0.1; 0 = off.", modes=_NOISED, **_D2, **_range(0, 1)),
     _opt(2, "multires_noise_iterations", int, 0,
          "Multi-resolution (pyramid) noise levels added to the training noise; learns large-scale tone. "
-         "Typical: 6-10; 0 = off.", modes=_NOISED, **_D2),
+         "Typical: 6-10; 0 = off.", modes=_NOISED, **_D2, **_range(0, 16)),
     _opt(2, "multires_noise_discount", float, 0.3,
          "Weight of each coarser multires level: level i counts discount^i (lower = weaker coarse noise), "
-         "as kohya. Typical: 0.3; 0.8 with few images.", modes=_NOISED, **_D2),
+         "as kohya. Typical: 0.3; 0.8 with few images.", modes=_NOISED, **_D2, **_range(0, 1, above=True)),
     _opt(3, "sample_every_n_steps", int, 0,
          "Render preview images every N steps (and at the end) into logs/<run>/samples/, shown live in the tab. "
-         "iLECO/Difference/ADDifT show a strip at LoRA weight -1, 0, +1. Costs time; 0 = off.", **_D2),
+         "iLECO/Difference/ADDifT show a strip at LoRA weight -1, 0, +1. Costs time; 0 = off.", **_D2, **_range(0)),
     _opt(3, "sample_prompts", str, "",
          "Preview prompts, one per line, with kohya options: --n negative, --w width, --h height, --s steps, "
          "--l CFG scale, --d seed. Empty = the trigger word / Target prompt / Original prompt.", **_TA),
@@ -865,42 +914,41 @@ def _check_choices(s: Settings, errors: list[SettingsError]) -> None:
             errors.append(SettingsError(f.key, f"unknown {value!r}; choose one of {legal}"))
 
 
+def _check_ranges(s: Settings, errors: list[SettingsError]) -> None:
+    """Every number against its table range, in the modes where the field has an effect."""
+    for f in FIELDS:
+        if f.minimum is None and f.maximum is None or s.mode not in f.modes:
+            continue
+        value = getattr(s, f.attr)
+        if value is not None and f.out_of_range(value):
+            hint = f.range_hint or f"use e.g. {f.default}"
+            errors.append(SettingsError(f.key, f"{_num(value)} is outside {f.range_text}; {hint}"))
+
+
 def _check_numbers(s: Settings, errors: list[SettingsError]) -> None:
-    _check(errors, s.network_rank >= 1, "network_rank", f"{s.network_rank} is below 1; use e.g. 16")
-    _check(errors, s.network_alpha > 0, "network_alpha", f"{s.network_alpha} must be > 0; use e.g. half the rank")
-    _check(errors, s.network_conv_rank >= 0, "network_conv_rank", "must be >= 0; use 0 for 'same as rank'")
-    _check(errors, s.network_conv_alpha >= 0, "network_conv_alpha", "must be >= 0; use 0 for 'same as alpha'")
-    _check(errors, s.train_batch_size >= 1, "train_batch_size", f"{s.train_batch_size} is below 1; use e.g. 2")
-    _check(errors, s.train_iterations >= 1, "train_iterations", f"{s.train_iterations} is below 1; use e.g. 1000")
-    _check(errors, s.train_learning_rate > 0, "train_learning_rate",
-           f"{s.train_learning_rate} must be > 0; use e.g. 1e-4")
+    """What a single range cannot say: relations between fields and per-mode meanings."""
     te_lr = s.train_textencoder_learning_rate
     if s.mode == "LoRA" and te_lr is not None:
         _check(errors, te_lr > 0, "train_textencoder_learning_rate", "must be > 0; leave empty for the U-Net rate")
     lo, hi = s.train_min_timesteps, s.train_max_timesteps
-    _check(errors, 0 <= lo <= 1000, "train_min_timesteps", f"{lo} is outside 0..1000; use e.g. 0")
-    _check(errors, 0 <= hi <= 1000, "train_max_timesteps", f"{hi} is outside 0..1000; use e.g. 1000")
     _check(errors, lo < hi, "train_min_timesteps", f"{lo} is not below train_max_timesteps {hi}; lower it")
-    _check(errors, s.save_per_steps >= 0, "save_per_steps", "must be >= 0; use 0 to save only at the end")
-    _check(errors, s.train_max_grad_norm >= 0, "train_max_grad_norm", "must be >= 0; use 0 to turn clipping off")
-    _check(errors, s.train_lr_warmup_steps >= 0, "train_lr_warmup_steps", "must be >= 0; use e.g. 0")
-    _check(errors, 1 <= s.clip_skip <= 12, "clip_skip", f"{s.clip_skip} is outside 1..12; use 1 (or 2 for anime SD1 models)")
+    # DoRA renormalises the magnitude, so a strength cannot be baked into its file (the save would fail)
+    _check(errors, s.network_type != "dora" or s.network_strength == 1, "network_strength",
+           f"{s.network_strength:g} cannot be baked into a dora file; use 1 and set the LoRA weight in the prompt")
 
 
 def _check_images(s: Settings, errors: list[SettingsError]) -> None:
     key = _SIZE_KEY
     if s.mode in FIELD_BY_KEY[key].modes:
-        bad = [n for n in s.image_size if n <= 0 or n % 8]
-        _check(errors, not bad, key, f"{bad[0] if bad else ''} is not a positive multiple of 8; use e.g. 512 or 768,512")
+        bad = [n for n in s.image_size if n <= 0 or n % 8 or n > MAX_IMAGE_PX]
+        _check(errors, not bad, key, f"{bad[0] if bad else ''} is not a multiple of 8 in 8-{MAX_IMAGE_PX}; "
+                                     "use e.g. 512 or 768,512")
     if s.mode in ("LoRA", "Multi-ADDifT"):
         step, small, large = s.image_buckets_step, min(s.image_size), max(s.image_size)
         _check(errors, 0 < step <= small, "image_buckets_step",
                f"{step} must be > 0 and <= the smaller image side {small}; use e.g. 64")
         _check(errors, 0 < s.image_min_length <= large, "image_min_length",
                f"{s.image_min_length} must be > 0 and <= the larger image side {large}; lower it")
-        _check(errors, s.image_max_ratio >= 1, "image_max_ratio", f"{s.image_max_ratio} is below 1; use e.g. 2")
-        _check(errors, s.image_num_multiply >= 1, "image_num_multiply", "is below 1; use e.g. 1")
-        _check(errors, s.sub_image_num >= 0, "sub_image_num", "must be >= 0; use 0 for none")
 
 
 def _check_practice(s: Settings, errors: list[SettingsError]) -> None:
@@ -908,25 +956,11 @@ def _check_practice(s: Settings, errors: list[SettingsError]) -> None:
     from pathlib import Path
 
     if s.mode in FIELD_BY_KEY["train_epochs"].modes:
-        _check(errors, s.train_epochs >= 0, "train_epochs", "must be >= 0; use 0 to count train_iterations instead")
-        _check(errors, s.save_every_n_epochs >= 0, "save_every_n_epochs", "must be >= 0; use 0 for off")
-        _check(errors, s.keep_tokens >= 0, "keep_tokens", "must be >= 0; use 0 to shuffle every tag")
         _check(errors, bool(s.caption_separator), "caption_separator", "is empty; use ',' (the tag separator)")
-        for key in ("caption_dropout_rate", "caption_tag_dropout_rate"):
-            rate = s.raw[key]
-            _check(errors, 0 <= float(rate) <= 1, key, f"{rate} is outside 0..1; use e.g. 0.05")
     if s.mode in FIELD_BY_KEY["reg_data_directory"].modes and s.reg_data_directory.strip():
         reg = Path(s.reg_data_directory.strip()).expanduser()
         _check(errors, reg.is_dir(), "reg_data_directory",
                f"folder {reg} does not exist; give the folder of regularization images or leave it empty")
-        _check(errors, s.reg_num_multiply >= 1, "reg_num_multiply", "is below 1; use e.g. 1")
-        _check(errors, s.prior_loss_weight >= 0, "prior_loss_weight", "must be >= 0; use e.g. 1")
-    if s.mode in FIELD_BY_KEY["noise_offset"].modes:
-        _check(errors, s.noise_offset >= 0, "noise_offset", "must be >= 0; use e.g. 0.05, or 0 for off")
-        _check(errors, s.multires_noise_iterations >= 0, "multires_noise_iterations", "must be >= 0; use 0 for off")
-        _check(errors, 0 < s.multires_noise_discount <= 1, "multires_noise_discount",
-               f"{s.multires_noise_discount} must be in (0, 1]; use e.g. 0.3")
-    _check(errors, s.sample_every_n_steps >= 0, "sample_every_n_steps", "must be >= 0; use 0 for no previews")
     if s.sample_every_n_steps > 0 and s.sample_prompts.strip():
         from trainer.sampling.prompts import parse_sample_prompts
 
@@ -968,6 +1002,7 @@ def validate(s: Settings) -> list[SettingsError]:
     """
     errors: list[SettingsError] = []
     _check_choices(s, errors)
+    _check_ranges(s, errors)
     _check_numbers(s, errors)
     _check_images(s, errors)
     _check_practice(s, errors)
@@ -1005,6 +1040,8 @@ def settings_markdown() -> str:
     rows = ["| key | default | choices | modes | help |", "|---|---|---|---|---|"]
     for f in FIELDS:
         choices = ", ".join(str(c) for c in f.choices if c != SEPARATOR)
+        if f.range_text:
+            choices = f"{choices} (range {f.range_text})" if choices else f"range {f.range_text}"
         if f.key == _BLOCKS_KEY:
             choices, default = "BASE, IN00-IN11, M00, OUT00-OUT11", "all"
         else:

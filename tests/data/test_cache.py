@@ -131,3 +131,15 @@ def test_pair_batches_carry_the_originals_size_conditioning(tmp_path, encoder):
     Image.new("RGB", (151, 61), (30, 30, 90)).save(tmp_path / "p_t.png")
     cached = encode_pairs(plan_pairs([tmp_path / "p.png", tmp_path / "p_t.png"], diff_target_name="_t", **SMALL), encoder)
     assert cached.gather(0, [0]).size_ids.tolist() == [[61, 151, 0, 7, 32, 64]]
+def test_pairs_diff_mask_keeps_a_thin_change(tmp_path, encoder):
+    # a 2 px line off the 8 px grid: nearest-resizing sampled pixels 0, 8, 16, ... and lost it entirely
+    base = np.full((64, 64, 3), 120, dtype=np.uint8)
+    Image.fromarray(base).save(tmp_path / "p.png")
+    changed = base.copy()
+    changed[10:30, 13:15] = 240
+    Image.fromarray(changed).save(tmp_path / "p_t.png")
+    plan = plan_pairs([tmp_path / "p.png", tmp_path / "p_t.png"], diff_target_name="_t", mirroring=False, **SMALL)
+    mask = encode_pairs(plan, encoder).buckets[0].masks[0]
+    expected = torch.zeros(1, 8, 8)
+    expected[0, 1:4, 1] = 1  # rows 10-29 touch cells 1-3, columns 13-14 lie in cell 1
+    assert torch.equal(mask, expected)

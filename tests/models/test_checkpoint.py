@@ -159,6 +159,25 @@ def test_non_checkpoints_are_input_errors(kind, tmp_path) -> None:
         load_bundle(str(path), device="cpu")
 
 
+@pytest.mark.parametrize("keep", [0.5, 40, 0])
+def test_a_truncated_download_is_called_incomplete_first(keep, tiny_files, tmp_path) -> None:
+    # a cut-off file was reported as "not a Stable Diffusion checkpoint", which sends people looking elsewhere
+    data = Path(tiny_files["tiny-sd1"]).read_bytes()
+    cut = tmp_path / "model.safetensors"
+    cut.write_bytes(data[: int(len(data) * keep) if keep < 1 else keep])
+    with pytest.raises(InputError, match="incomplete or corrupt .*download or copy it again") as err:
+        load_bundle(str(cut), device="cpu")
+    assert "not a Stable Diffusion checkpoint" not in str(err.value)
+
+
+def test_a_truncated_ckpt_is_called_incomplete(tmp_path) -> None:
+    path = tmp_path / "model.ckpt"
+    torch.save({"state_dict": {"x": torch.zeros(4096)}}, path)
+    path.write_bytes(path.read_bytes()[:3000])
+    with pytest.raises(InputError, match="incomplete or corrupt"):
+        load_bundle(str(path), device="cpu")
+
+
 class _Payload:
     """Any class: unpickling it would need our code, which weights_only refuses."""
 

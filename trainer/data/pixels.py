@@ -86,12 +86,13 @@ def diff_mask(orig: np.ndarray, targ: np.ndarray) -> np.ndarray:
 
 
 def mask_to_latent(mask: np.ndarray | None, latent_hw: tuple[int, int]) -> torch.Tensor:
-    """Nearest-resize a pixel mask to the latent grid.
+    """Bring a pixel mask to the latent grid.
 
     Args:
-        mask: ``bool`` (H, W) for a 0/1 mask (pair differences: nearest), float32 (H, W) for loss weights
-            (averaged over each latent pixel's area, so a half-covered latent pixel weighs 0.5), or
-            ``None`` for "everything counts".
+        mask: ``bool`` (H, W) for a 0/1 mask (pair differences): a latent cell counts when ANY of its
+            pixels is set (max-pooling; nearest kept one pixel per 8x8 cell, so a 1-3 px change vanished),
+            float32 (H, W) for loss weights (averaged over each latent pixel's area, so a half-covered
+            latent pixel weighs 0.5), or ``None`` for "everything counts".
         latent_hw: (height, width) of the latent.
 
     Returns:
@@ -100,5 +101,6 @@ def mask_to_latent(mask: np.ndarray | None, latent_hw: tuple[int, int]) -> torch
     if mask is None:
         return torch.ones(1, *latent_hw)
     t = torch.from_numpy(mask.astype(np.float32))[None, None]
-    mode = "nearest" if mask.dtype == np.bool_ else "area"
-    return F.interpolate(t, size=latent_hw, mode=mode)[0]
+    if mask.dtype == np.bool_:
+        return F.adaptive_max_pool2d(t, latent_hw)[0]
+    return F.interpolate(t, size=latent_hw, mode="area")[0]

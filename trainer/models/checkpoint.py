@@ -104,6 +104,7 @@ def read_state_dict(path: str | os.PathLike[str],
     path = str(path)
     if path.lower().endswith(PICKLE_SUFFIXES):
         return {k: _cast(v, dtype) for k, v in _read_pickle(path).items()}, {}
+    check_complete(path)
     from safetensors import SafetensorError, safe_open
 
     try:
@@ -112,6 +113,49 @@ def read_state_dict(path: str | os.PathLike[str],
             return {k: _cast(handle.get_tensor(k), dtype) for k in handle.keys()}, metadata
     except (SafetensorError, OSError, ValueError) as err:
         raise InputError(path, f"{NOT_A_CHECKPOINT} (cannot be read as safetensors: {err})") from err
+
+
+_MAX_HEADER = 100_000_000  # safetensors' own limit on the JSON header
+
+
+def _incomplete(path: str, why: str) -> InputError:
+    return InputError(path, f"is incomplete or corrupt ({why}), e.g. an interrupted download or copy; "
+                            "download or copy it again, or choose another file")
+
+
+def check_complete(path: str) -> None:
+    """Refuse a truncated ``.safetensors`` file by its own header, before any guess at what it is.
+
+    The header (8-byte length, then JSON naming each tensor's byte range) says how long the file must
+    be; a cut-off download is shorter. Files that are not safetensors at all pass (the reader names them).
+
+    Raises:
+        InputError: the file is shorter than its header says, or its header is cut off or unreadable.
+    """
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as handle:
+            head = handle.read(9)
+            if len(head) < 9:
+                raise _incomplete(path, f"only {size} bytes")
+            if head[8:9] != b"{":
+                return  # not safetensors: left to the reader's message
+            length = int.from_bytes(head[:8], "little")
+            if length > _MAX_HEADER:
+                return  # no safetensors header is this long (random bytes): left to the reader
+            if length > size - 8:
+                raise _incomplete(path, f"{size:,} bytes, cut off inside its {length:,}-byte header")
+            handle.seek(8)
+            header = json.loads(handle.read(length))
+    except OSError:
+        return  # unreadable: the reader says so with the operating system's reason
+    except (ValueError, UnicodeDecodeError) as err:
+        raise _incomplete(path, f"its header is not valid JSON: {err}") from err
+    ends = [v["data_offsets"][1] for k, v in header.items()
+            if k != "__metadata__" and isinstance(v, dict) and len(v.get("data_offsets", ())) == 2]
+    needed = 8 + length + max(ends, default=0)
+    if size < needed:
+        raise _incomplete(path, f"{size:,} of {needed:,} bytes")
 
 
 def _cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
@@ -127,12 +171,23 @@ def _read_pickle(path: str) -> dict[str, torch.Tensor]:
     except (RuntimeError, OSError, EOFError, ValueError, IndexError, KeyError, TypeError, struct.error) as err:
         # the safe unpickler reports text or random bytes with IndexError/KeyError ("pop from empty list")
         reason = " ".join(str(err).split())[:200]  # one line: torch's messages span several
+        if _is_cut_zip(path):
+            raise _incomplete(path, "a zip checkpoint whose end is missing") from err
         raise InputError(path, f"{NOT_A_CHECKPOINT} (cannot be read: {type(err).__name__}: {reason})") from err
     if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
         data = data["state_dict"]
     if not isinstance(data, dict):
         raise InputError(path, NOT_A_CHECKPOINT)
     return {k: v for k, v in data.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+
+
+def _is_cut_zip(path: str) -> bool:
+    """A torch zip checkpoint whose end (the zip directory) is missing: the first bytes are a zip's."""
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(4) == b"PK\x03\x04"
+    except OSError:
+        return False
 
 
 def _atomic_save(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:

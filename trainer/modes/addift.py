@@ -5,8 +5,9 @@ the Target's noisy latent, must reproduce the frozen model's prediction on the O
 on reverse steps the LoRA at −0.25·|diff_alt_ratio| applied to the Original must reproduce the frozen
 prediction on the Target. The LoRA so learns a signed direction: at +1 it moves the model's denoised
 estimate by about four times the trained Original→Target shift, at −1 the other way. A negative
-``diff_alt_ratio`` turns reverse steps into a regulariser on pure noise. Timesteps follow a
-deterministic schedule over the odd deciles of [min, max), each used for a forward and a reverse step.
+``diff_alt_ratio`` turns reverse steps into a regulariser on pure noise, and 0 means no reverse pass:
+every step is a forward step. Timesteps follow a deterministic schedule over the odd deciles of
+[min, max), each used for a forward and a reverse step (once, without a reverse pass).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 
 from trainer.effect import measure_effect
 from trainer.modes.common import NoiseControls, check_timestep_range
-from trainer.modes.inputs import encode_prompt_pair, load_image_pair
+from trainer.modes.inputs import check_diff_mask, encode_prompt_pair, load_image_pair
 from trainer.modes.setup import ModeOutcome, RunContext, build_adapters, finish, run_pass
 
 TRAIN_MULTIPLIER = 0.25
@@ -48,13 +49,16 @@ def addift_loss(ctx: RunContext, s, network, draw: Callable[[int], tuple]) -> Ca
     check_timestep_range(lo, hi)
     ratio, revert = float(s.diff_alt_ratio), bool(s.diff_revert_original_target)
     use_mask = bool(s.diff_use_diff_mask)
+    # a reverse step at multiplier 0 would skip the adapters (no gradient at all): 0 = no reverse pass
+    alternate = ratio != 0
 
     def loss_step(step: int) -> torch.Tensor:
         x_o, x_t, c_o, c_t, mask = draw(step)
         if revert:
             x_o, x_t, c_o, c_t = x_t, x_o, c_t, c_o
-        forward = step % 2 == 0
-        t = torch.full((x_o.shape[0],), decile_timestep(step, lo, hi), device=x_o.device, dtype=torch.long)
+        forward = step % 2 == 0 or not alternate
+        slot = step if alternate else 2 * step  # forward-only: each step takes the next decile
+        t = torch.full((x_o.shape[0],), decile_timestep(slot, lo, hi), device=x_o.device, dtype=torch.long)
         eps = noise.like(x_o, gen)
         if ratio < 0 and not forward:
             x_o = x_t = eps  # regulariser: on pure noise the negative LoRA must change nothing
@@ -74,6 +78,8 @@ def run(ctx: RunContext) -> ModeOutcome:
     s, bundle = ctx.settings, ctx.bundle
     batch = int(s.train_batch_size)
     pair = load_image_pair(ctx, s)
+    if s.diff_use_diff_mask:
+        check_diff_mask(pair.diff_mask, f"{s.original_image} -> {s.target_image}")
     c_o, c_t = encode_prompt_pair(bundle, s.original_prompt, s.target_prompt)
     bundle.offload("vae")
     bundle.offload("text_encoders")

@@ -84,26 +84,40 @@ def run(ctx: RunContext) -> ModeOutcome:
         if outcome is not None:
             return outcome
         s2 = s.for_pass(2)
-        ctx.frozen_networks["copier"] = copier
+        ctx2 = ctx.for_pass(s2)  # pass 2's own seed, adapter precision (and checkpointing below)
+        _note_job_wide(ctx, s)
+        ctx2.frozen_networks["copier"] = copier
+        bundle.set_gradient_checkpointing(bool(s2.use_gradient_checkpointing))
         with copier.frozen():  # the copier stays attached at multiplier 1 and receives no gradient
             copier.set_multiplier(1.0)
-            diff = build_adapters(ctx, s2, seed_offset=1, text_encoder=False)
+            diff = build_adapters(ctx2, s2, seed_offset=1, text_encoder=False)
             networks.append(diff)
-            gen = ctx.generator(2)  # pass 2 draws its own noise stream from the job seed
-            result, written = run_pass(ctx, s2, diff, denoise_loss(ctx, s2, pair.target, cond, gen), pass_index=2,
+            gen = ctx2.generator(2)  # pass 2 draws its own noise stream from its seed
+            result, written = run_pass(ctx2, s2, diff, denoise_loss(ctx2, s2, pair.target, cond, gen), pass_index=2,
                                        summary={"pass": "difference"}, extra=extra,
                                        resume=s.train_resume_state if resume_pass == 2 else "")
 
             def probe() -> float:
                 return measure_effect(bundle, diff, cond, latent_hw=tuple(pair.target.shape[-2:]),
-                                      autocast=ctx.precision.autocast())
+                                      autocast=ctx2.precision.autocast())
 
             sidecar = {"activation_text": "", "preferred_weight": 1.0, "sd_version": bundle.family.name}
-            return finish(ctx, s2, diff, result, written, extra=extra, sidecar=sidecar, effect_probe=probe)
+            return finish(ctx2, s2, diff, result, written, extra=extra, sidecar=sidecar, effect_probe=probe)
     finally:
         for network in reversed(networks):
             network.detach()
         bundle.set_gradient_checkpointing(False)
+
+
+def _note_job_wide(ctx: RunContext, s) -> None:
+    """Say so when pass-2 values of job-wide settings differ (they have no pass-2 mark in the table)."""
+    if s.pass2 is None or not s.pass2.use_2nd_pass_settings:
+        return
+    for key, why in (("train_model_precision", "the model is loaded once per job"),
+                     ("model_v_pred", "the model is loaded once per job"),
+                     ("save_overwrite", "the job's files are planned once, before pass 1")):
+        if s.pass2.raw[key] != s.raw[key]:
+            ctx.note(f"2nd pass {key} = {s.pass2.raw[key]} is not used: {why}, with {key} = {s.raw[key]}")
 
 
 def _copier_from_state(ctx: RunContext, s, state):
@@ -122,7 +136,7 @@ def _copier(ctx: RunContext, s, pair, cond, extra):
         from trainer.network import network_from_file
 
         path = resolve_copier(ctx, s.diff_load_1st_pass)
-        copier = network_from_file(ctx.bundle, path)
+        copier = network_from_file(ctx.bundle, path, trained=True)  # as trained: no baked-in strength
         copier.attach()
         ctx.events.info(f"copier loaded from {path}: {copier.summary()}; pass 1 skipped")
         return copier, None

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from trainer.data.pixels import DIFF_THRESHOLD, diff_mask, mask_to_latent
 from trainer.errors import InputError
 from trainer.models.bundle import Cond
 
@@ -41,6 +42,23 @@ def _fit_to_multiple(img: Image.Image, multiple: int) -> Image.Image:
     return img.crop((left, top, left + nw, top + nh))
 
 
+def empty_mask_error(pair: str) -> InputError:
+    """The error for a pair that does not differ anywhere while ``diff_use_diff_mask`` is on."""
+    return InputError(pair, "the original and target images do not differ anywhere (no pixel changes by more "
+                            f"than {DIFF_THRESHOLD}/765), so diff_use_diff_mask leaves nothing to learn; "
+                            "choose a pair that differs or untick diff_use_diff_mask")
+
+
+def check_diff_mask(mask: torch.Tensor, pair: str) -> None:
+    """Refuse a pair whose difference mask is empty: ``diff_use_diff_mask`` would train on nothing.
+
+    Raises:
+        InputError: naming the pair and the fix.
+    """
+    if not bool(mask.any()):
+        raise empty_mask_error(pair)
+
+
 def load_image_pair(ctx, s) -> ImagePair:
     """Load, check and encode the Original/Target pair (any size; both must match after loading).
 
@@ -64,9 +82,8 @@ def load_image_pair(ctx, s) -> ImagePair:
     gen = ctx.generator(7)
     with torch.no_grad():
         latents = ctx.bundle.encode_images(pixels.to(ctx.bundle.device), generator=gen).float()
-    changed = (np.abs(a - b).sum(-1) > 10).astype(np.float32)
-    mask = torch.from_numpy(changed)[None, None]
-    mask = torch.nn.functional.interpolate(mask, size=latents.shape[-2:], mode="nearest").to(latents.device)
+    changed = diff_mask(np.asarray(orig), np.asarray(targ))
+    mask = mask_to_latent(changed, tuple(latents.shape[-2:]))[None].to(latents.device)
     for note in notes:
         ctx.note(note)
     return ImagePair(latents[:1], latents[1:], mask, (orig.size[1], orig.size[0]), notes)

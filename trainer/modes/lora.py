@@ -26,6 +26,7 @@ from trainer.modes.setup import (
     run_pass,
     train_text_encoder,
 )
+from trainer.paths import folder_name
 
 
 def planned_suffixes(s) -> list[str]:
@@ -94,10 +95,10 @@ def run(ctx: RunContext) -> ModeOutcome:
     counts = {f"{w}x{h}": n for (w, h), n in data.counts().items()}
     train_count = sum(1 for x in plan.samples if not x.is_reg)
     extra = {"ss_tag_frequency": json.dumps({"1": plan.tag_frequency()}), "ss_num_train_images": str(train_count),
-             "ss_bucket_info": json.dumps({"buckets": counts}), "traintrain_data": str(s.lora_data_directory)}
+             "ss_bucket_info": json.dumps({"buckets": counts}), "traintrain_data": folder_name(s.lora_data_directory)}
     extra.update(dataset_metadata(s, plan, batcher.steps_per_epoch))
     if reg:
-        extra["traintrain_reg_data"] = str(s.reg_data_directory)
+        extra["traintrain_reg_data"] = folder_name(s.reg_data_directory)
     sidecar = {"activation_text": s.lora_trigger_word, "preferred_weight": 1.0, "sd_version": bundle.family.name}
     summary = {"images": train_count, "buckets": counts, "epochs": f"{s.train_iterations / batcher.steps_per_epoch:g}"}
     try:

@@ -15,6 +15,7 @@ from trainer.data import BucketBatcher, tag_frequency
 from trainer.effect import measure_effect
 from trainer.modes.addift import addift_loss
 from trainer.modes.dataset import dataset_metadata, plan_pair_data, plan_steps
+from trainer.modes.inputs import empty_mask_error
 from trainer.modes.lora import caption_augment
 from trainer.modes.setup import (
     CaptionEncoder,
@@ -25,6 +26,7 @@ from trainer.modes.setup import (
     finish,
     run_pass,
 )
+from trainer.paths import folder_name
 
 
 def planned_suffixes(s) -> list[str]:
@@ -33,11 +35,29 @@ def planned_suffixes(s) -> list[str]:
     return lora_suffixes(s)
 
 
+def _check_masks(data) -> None:
+    """Every pair must differ somewhere (in at least one of its frames), else its masked loss is 0.
+
+    Raises:
+        InputError: naming the first pair whose every frame has an empty difference mask.
+    """
+    changed: dict[str, bool] = {}
+    for bucket in data.buckets:
+        for pair, mask in zip(bucket.pairs, bucket.masks, strict=True):
+            name = f"{pair.orig.path} -> {pair.targ.path}"
+            changed[name] = changed.get(name, False) or bool(mask.any())
+    for name, ok in changed.items():
+        if not ok:
+            raise empty_mask_error(name)
+
+
 def run(ctx: RunContext) -> ModeOutcome:
     s, bundle = ctx.settings, ctx.bundle
     plan = ctx.dataset if ctx.dataset is not None else plan_pair_data(s)
     ctx.events.info(plan_steps(s, plan, world_size=ctx.world_size).line())
     data = encode_dataset_images(ctx, plan, pairs=True)
+    if s.diff_use_diff_mask:
+        _check_masks(data)
     batcher = ctx.track("batcher", BucketBatcher(data, int(s.train_batch_size), ctx.seed, ctx.rank, ctx.world_size))
     bundle.offload("vae")
     captions = [c for b in data.buckets for c in (*b.orig_captions, *b.targ_captions)]
@@ -64,7 +84,7 @@ def run(ctx: RunContext) -> ModeOutcome:
                               autocast=ctx.precision.autocast())
 
     counts = {f"{w}x{h}": n for (w, h), n in data.counts().items()}
-    extra = {"traintrain_data": str(s.lora_data_directory), "traintrain_diff_target_name": s.diff_target_name,
+    extra = {"traintrain_data": folder_name(s.lora_data_directory), "traintrain_diff_target_name": s.diff_target_name,
              "traintrain_pairs": str(len(plan.pairs)), "ss_tag_frequency": json.dumps({"1": tag_frequency(captions)}),
              "traintrain_timesteps": f"{s.train_min_timesteps},{s.train_max_timesteps}",
              **dataset_metadata(s, plan, batcher.steps_per_epoch)}

@@ -6,6 +6,7 @@ commented where they exist.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import time
 from collections.abc import Callable
@@ -116,6 +117,23 @@ class RunContext:
             if why:
                 ctx.note(why)
         return ctx
+
+    def for_pass(self, s) -> RunContext:
+        """The context of Difference pass 2, built from the pass's own settings ``s``.
+
+        Pass 2 draws from its own ``train_seed`` (-1: the job's seed) and trains its adapters in its own
+        ``train_lora_precision``; events, outputs, the files written so far, notes, generators and frozen
+        networks are shared with pass 1. The frozen model stays as the host loaded it for the job
+        (``train_model_precision`` and ``model_v_pred`` are job-wide).
+        """
+        if s is self.settings:
+            return self
+        seed = int(s.train_seed) if int(s.train_seed) >= 0 else self.seed
+        if seed != self.seed:
+            seed_everything(seed)
+        precision = resolve_precision(self.settings.train_model_precision, s.train_lora_precision, self.bundle.device,
+                                      bool(getattr(s, "train_full_bf16", False)))
+        return dataclasses.replace(self, settings=s, seed=seed, precision=precision)
 
     def note(self, text: str) -> None:
         self.notes.append(text)
@@ -245,6 +263,8 @@ def make_metadata(ctx: RunContext, s, network, *, suffix: str, steps: int, extra
                  str(int(s.multires_noise_iterations)), "ss_multires_noise_discount": str(float(s.multires_noise_discount)),
                  **kohya}
     ours = {k: v for k, v in extra.items() if not k.startswith("ss_")}
+    # loading takes the baked-in strength out again (copier reuse, network_resume): the round trip is exact
+    ours["traintrain_network_strength"] = repr(float(s.network_strength))
     metadata = build_metadata(
         settings=s, network=network, bundle=ctx.bundle, output_name=ctx.out.name + suffix, steps=steps,
         seed=ctx.seed, started_at=ctx.started_at, resolution=(w, h), extra={"traintrain_mode": s.mode, **ours},
@@ -255,15 +275,31 @@ def make_metadata(ctx: RunContext, s, network, *, suffix: str, steps: int, extra
 
 
 def save_network(ctx: RunContext, s, network, path: Path, *, steps: int, extra: dict[str, Any]) -> Path:
-    """Write ``network`` to ``path`` (atomic, finite-checked) with metadata; adapters in eval for saving."""
+    """Write ``network`` to ``path`` (atomic, finite-checked) with metadata; adapters in eval for saving.
+
+    Without ``save_overwrite`` the name is claimed when the file is written, not only when the job
+    started: if another run wrote a file of that name meanwhile, this one goes to the next free
+    ``<name>_N`` (said in a note), so neither finished LoRA is lost.
+
+    Returns:
+        The path actually written.
+    """
     from trainer.network import save_lora
 
     if not ctx.is_main:  # data parallel: every rank holds the same adapters, rank 0 writes them
         return path
-    suffix = path.stem[len(ctx.out.name):]
-    metadata = make_metadata(ctx, s, network, suffix=suffix, steps=steps, extra=extra)
     state = network.kohya_state_dict(dtype=save_dtype(s.save_precision), strength=float(s.network_strength))
-    save_lora(path, state, metadata)
+    wanted, base = path, path.stem[len(ctx.out.name):]
+    while True:
+        metadata = make_metadata(ctx, s, network, suffix=path.stem[len(ctx.out.name):], steps=steps, extra=extra)
+        try:
+            save_lora(path, state, metadata, exclusive=not ctx.out.overwrite)
+            break
+        except FileExistsError:
+            path = ctx.out.free_path(base)
+    if path != wanted:
+        ctx.note(f"{wanted.name} was created by something else while this run trained; saved as {path.name} "
+                 "instead (save_overwrite is off, so no LoRA is replaced)")
     ctx.events.info(f"Saved {path}")
     return path
 
@@ -314,8 +350,8 @@ def run_pass(
         if step not in epoch_saves or step in step_saves:
             names.append(f"_{step}steps")  # also the stop-and-save file
         for name in names:
-            path = ctx.out.free_path(f"{suffix}{name}")
-            written.append(save_network(ctx, s, network, path, steps=step or total, extra=extra))
+            path = save_network(ctx, s, network, ctx.out.free_path(f"{suffix}{name}"), steps=step or total, extra=extra)
+            written.append(path)
         train_mode(optimizer.optimizer)
         if ctx.is_main and ctx.out.state_root is not None:  # to continue from this step (train mode: as it trains)
             ctx.out.states.append(state_path(path, ctx.out.state_root))

@@ -55,13 +55,15 @@ def first_non_finite(state_dict: dict[str, torch.Tensor]) -> str | None:
     return None
 
 
-def save_lora(path: str | os.PathLike[str], state_dict: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
+def save_lora(path: str | os.PathLike[str], state_dict: dict[str, torch.Tensor], metadata: dict[str, str], *,
+              exclusive: bool = False) -> Path:
     """Write a LoRA file atomically, adding ``sshs_model_hash`` and ``sshs_legacy_hash``.
 
     Args:
         path: the ``.safetensors`` file to write (its folder is created).
         state_dict: kohya keys -> tensors (moved to CPU and made contiguous here).
         metadata: string keys and values (``build_metadata``); not modified.
+        exclusive: never replace an existing file (``save_overwrite`` off), checked when the file is written.
 
     Returns:
         The written path.
@@ -69,6 +71,7 @@ def save_lora(path: str | os.PathLike[str], state_dict: dict[str, torch.Tensor],
     Raises:
         TrainTrainError: a tensor is NaN/inf (named); nothing is written.
         TypeError: a metadata value is not a string.
+        FileExistsError: ``exclusive`` and the file exists; nothing was written.
     """
     bad = first_non_finite(state_dict)
     if bad is not None:
@@ -82,7 +85,7 @@ def save_lora(path: str | os.PathLike[str], state_dict: dict[str, torch.Tensor],
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
     model_hash, legacy = precalculate_hashes(tensors, metadata)
     full = {**metadata, "sshs_model_hash": model_hash, "sshs_legacy_hash": legacy}
-    return atomic_write_bytes(path, _st_save(tensors, full))
+    return atomic_write_bytes(path, _st_save(tensors, full), exclusive=exclusive)
 
 
 def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:

@@ -162,9 +162,15 @@ class Network(nn.Module):
         return out
 
     @torch.no_grad()
-    def load_kohya_state_dict(self, state_dict: dict[str, torch.Tensor]) -> LoadReport:
+    def load_kohya_state_dict(self, state_dict: dict[str, torch.Tensor], strength: float = 1.0) -> LoadReport:
         """Load kohya-keyed tensors into the adapters (either U-Net layout, TE names with or without
-        ``text_model_``). An adapter is loaded only when all its tensors are present and fit."""
+        ``text_model_``). An adapter is loaded only when all its tensors are present and fit.
+
+        Args:
+            state_dict: the file's tensors.
+            strength: the ``network_strength`` the file was saved with: it is taken out again, so the
+                network holds the trained weights and saving it at that strength gives the same file.
+        """
         by_adapter: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
         unexpected = []
         for key, tensor in state_dict.items():
@@ -176,7 +182,10 @@ class Network(nn.Module):
                 by_adapter[name][suffix] = tensor
         matched, missing, mismatch = [], [], []
         for name, adapter in self.adapters.items():
-            ok = _load_adapter(adapter, by_adapter.get(name, {}), missing, mismatch, unexpected)
+            tensors = by_adapter.get(name, {})
+            if strength != 1.0 and tensors:
+                tensors = adapter.scale_for_strength({k: v.float() for k, v in tensors.items()}, 1.0 / strength)
+            ok = _load_adapter(adapter, tensors, missing, mismatch, unexpected)
             if ok:
                 matched.append(name)
         self.load_report = LoadReport(tuple(matched), tuple(missing), tuple(unexpected), tuple(mismatch))

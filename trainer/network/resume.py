@@ -53,6 +53,18 @@ def _check_family(bundle: Any, path: str, family: str | None) -> None:
         )
 
 
+STRENGTH_KEY = "traintrain_network_strength"
+
+
+def saved_strength(metadata: dict[str, str]) -> float:
+    """The ``network_strength`` baked into a file we wrote (1 for other trainers' files and older ones)."""
+    try:
+        strength = float(metadata.get(STRENGTH_KEY, "1"))
+    except ValueError:
+        return 1.0
+    return strength if strength > 0 and strength == strength and strength != float("inf") else 1.0
+
+
 def _adapter_from_tensors(target: Target, tensors: dict[str, torch.Tensor], **kwargs: Any) -> Adapter | None:
     """An adapter shaped like the file's tensors for ``target``, or None when the file has none."""
     if "lokr_w1" in tensors:
@@ -97,12 +109,17 @@ def network_from_file(
     *,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str | None = None,
+    trained: bool = False,
 ) -> Network:
     """Build a network whose modules, ranks, alphas and algorithms come from a LoRA file, and load it.
 
     Block, element and rank settings are ignored (reference §8.8); ``spec_fallback`` only fills
     ``blocks``/``element`` of ``network.spec``. ``network.load_report`` lists file keys that matched
     no module of this model (e.g. ``conv_in`` adapters of other trainers).
+
+    Args:
+        trained: take the ``network_strength`` our saves bake in back out (a copier or a run to continue
+            needs the weights as trained); False keeps the file's weights as a Web-UI applies them.
 
     Raises:
         InputError: the file cannot be read.
@@ -126,12 +143,13 @@ def network_from_file(
     if not adapters:
         raise SettingsError("network_resume", f"{os.fspath(path)}: no LoRA module in the file matches this model")
     network = Network(adapters, _spec_of(bundle, adapters, spec_fallback), tuple(targets), None)
-    network.load_kohya_state_dict(state_dict)
+    network.load_kohya_state_dict(state_dict, strength=saved_strength(metadata) if trained else 1.0)
     return network
 
 
 def load_network_weights(network: Network, path: str | os.PathLike[str], bundle: Any = None) -> LoadReport:
-    """Load a LoRA file's tensors into an existing network (same names and shapes).
+    """Load a LoRA file's tensors into an existing network (same names and shapes), as trained: the
+    ``network_strength`` our saves bake in is taken back out, so a continued run does not compound it.
 
     Args:
         bundle: the model the network is for; when given, a file made for another family is refused.
@@ -143,4 +161,4 @@ def load_network_weights(network: Network, path: str | os.PathLike[str], bundle:
     state_dict, metadata = load_lora(path)
     if bundle is not None:
         _check_family(bundle, os.fspath(path), file_family(state_dict, metadata))
-    return network.load_kohya_state_dict(state_dict)
+    return network.load_kohya_state_dict(state_dict, strength=saved_strength(metadata))

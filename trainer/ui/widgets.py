@@ -29,8 +29,9 @@ def field_widget(f: Field, *, pass_index: int = 1, value: Any = None, choices: l
     """
     value = widget_value(f, f.default) if value is None else value
     common: dict[str, Any] = {"label": f.label, "elem_id": elem_id(f, pass_index), "visible": visible}
-    if f.help:
-        common["info"] = f.help
+    info = f"{f.help} Range: {f.range_text}." if f.range_text else f.help
+    if info:
+        common["info"] = info
     if f.widget == "checkbox":
         return gr.Checkbox(value=bool(value), **common)
     if f.widget == "checkboxgroup":
