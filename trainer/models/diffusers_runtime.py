@@ -179,6 +179,16 @@ class DiffusersBundle:
         return ("train_compile is not supported with patched adapters yet (compiled gradients differ from eager); "
                 "training uncompiled")
 
+    def set_vae_precision(self, dtype: torch.dtype) -> None:
+        """``train_VAE_precision``: the VAE's dtype for encoding images (and decoding previews).
+
+        Set every job (the host reuses a cached bundle between jobs). The weights are cast from the dtype
+        they were loaded in, so fp32 here cannot bring back what an fp16 load rounded away.
+        """
+        if dtype != self.vae_dtype:
+            self.vae_dtype = dtype
+            nn.Module.to(self.vae, dtype=dtype)  # diffusers' own .to() warns about fp32 modules
+
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         """Non-reentrant activation checkpointing of the U-Net blocks (reentrant breaks LoRA grads)."""
         if enabled:

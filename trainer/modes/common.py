@@ -215,6 +215,22 @@ def resolve_precision(model_precision: str, lora_precision: str, device: torch.d
     return Precision(model_dtype, adapter_dtype, device, tuple(notes))
 
 
+def resolve_vae_precision(vae_precision: str, device: torch.device) -> tuple[torch.dtype, str | None]:
+    """``train_VAE_precision`` as a dtype for this device, and a note when it had to change.
+
+    fp16 on CPU runs as fp32 (as for the frozen weights: CPU half kernels are slow or missing).
+
+    Raises:
+        SettingsError: an unknown precision.
+    """
+    key = vae_precision.lower()
+    if key not in _DTYPES:
+        raise SettingsError("train_VAE_precision", f"unknown '{vae_precision}'; choose fp32, bf16 or fp16")
+    if device.type == "cpu" and _DTYPES[key] == torch.float16:
+        return torch.float32, "train_VAE_precision fp16 is a GPU precision; on this CPU the VAE encodes in fp32"
+    return _DTYPES[key], None
+
+
 # -- the step loop ------------------------------------------------------------------------------
 
 
