@@ -194,7 +194,7 @@ def build_adapters(ctx: RunContext, s, *, resume: str = "", seed_offset: int = 0
     ctx.events.info(network.summary())
     if s.logging_verbose:  # every adapted module, under the name it is saved with
         for adapter in network.adapters.values():
-            ctx.events.info(f"  {adapter}")
+            ctx.events.info(f"  {adapter.extra_repr()}")
     return network
 
 
