@@ -179,9 +179,15 @@ class Precision:
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     def make_scaler(self):
-        """A real GradScaler only for fp16 on CUDA; elsewhere a pass-through with the same interface."""
-        enabled = self.model_dtype == torch.float16 and self.device.type == "cuda"
-        if hasattr(torch, "amp") and hasattr(torch.amp, "GradScaler"):
+        """A real GradScaler for fp16 autocast; elsewhere a pass-through with the same interface.
+
+        fp16 gradients underflow without loss scaling. ``resolve_precision`` gives fp16 on CUDA only; a CPU
+        scaler (torch >= 2.3) lets the same path run, and be tested, under CPU fp16 autocast.
+        """
+        new_api = hasattr(torch, "amp") and hasattr(torch.amp, "GradScaler")
+        supported = self.device.type == "cuda" or (self.device.type == "cpu" and new_api)
+        enabled = self.model_dtype == torch.float16 and supported
+        if new_api:
             return torch.amp.GradScaler(self.device.type, enabled=enabled)
         return torch.cuda.amp.GradScaler(enabled=enabled)  # torch < 2.3 (A1111)
 
