@@ -69,3 +69,14 @@ def test_logging_verbose_prints_dataset_counts_and_every_adapted_module(verbose,
     assert len(module_lines) == len(network.adapters) > 0
     assert dataset == ["Dataset: 4 image files, 3 with a caption file (.txt/.caption), 1 without; 4 samples"]
     assert any(t.startswith("Buckets (width x height: samples): 64x64: 4") for t in lines)
+
+
+def test_latent_disk_cache_is_kept_per_vae_precision(trainer, image_folder, encodes):
+    common = dict(mode="LoRA", model="tiny-sd1", train_iterations=1, lora_data_directory=str(image_folder),
+                  image_cache_latents_to_disk=True)
+    counts = []
+    for precision in ("fp32", "bf16", "fp32", "bf16"):
+        trainer.run(save_lora_name=f"c_{precision}", train_VAE_precision=precision, **common)
+        counts.append(len(encodes))
+    assert counts[0] > 0 and counts[1] > counts[0]  # a bf16 run does not take the fp32 latents ...
+    assert counts[3] == counts[2] == counts[1]  # ... and each precision finds its own cache afterwards

@@ -460,7 +460,9 @@ def encode_dataset_images(ctx: RunContext, plan, *, pairs: bool = False):
     if getattr(ctx.settings, "image_cache_latents_to_disk", False):
         cache_dir = Path(ctx.settings.lora_data_directory) / ".traintrain_cache"
     started = time.perf_counter()
-    cached = encoder(plan, encode, batch_size=8, cache_dir=cache_dir, cache_key=f"{bundle.name}|{ctx.settings.vae}|{getattr(bundle, 'vae_dtype', '')}")
+    # the VAE's dtype is part of the key: latents cached by a bf16 VAE are not what an fp32 run asks for
+    cache_key = f"{bundle.name}|{ctx.settings.vae}|{getattr(bundle, 'vae_dtype', '')}"
+    cached = encoder(plan, encode, batch_size=8, cache_dir=cache_dir, cache_key=cache_key)
     seconds = time.perf_counter() - started
     ctx.events.info(f"Encoded {total} in {seconds:.1f} s ({total / max(seconds, 1e-9):.1f}/s)")
     for bucket in cached.buckets:  # cached latents live on the device: no host-to-device copy per step
