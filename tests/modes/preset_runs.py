@@ -55,7 +55,7 @@ def fingerprint_distance(got: dict[str, list[float]], want: dict[str, list[float
 
     Per tensor: ``max(|Δ sum|, |Δ sum|x||) / sum|x|``. Float noise (another CPU, thread count or BLAS kernel)
     moves a few tensors whose gradients are near zero, where Adam's normalised step amplifies rounding: measured
-    on 4 presets, 1 vs 2 threads, mean 2e-7 to 4e-7, max 1.6e-5. A real change moves every tensor: +1% on
+    on 5 presets, 1 vs 2 threads, mean 1.6e-7 to 3.5e-7, max 1.6e-5. A real change moves every tensor: +1% on
     ``train_snr_gamma`` gives mean 6.4e-4, +1% learning rate 3.3e-3.
     """
     ds = [max(abs(got[k][0] - total), abs(got[k][1] - size)) / max(size, 1e-30) for k, (total, size) in want.items()]
