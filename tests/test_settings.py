@@ -350,3 +350,47 @@ def test_parse_kwargs_only_raises_settings_error(text):
         return
     assert all(k.isidentifier() for k in result)
 
+
+
+# Settings shown but read by no code, each with the reason it stays in the table.
+UNREAD_BY_DESIGN = {
+    # the reference product's own dead option (§17 #44): kept so reference presets and the reference's
+    # export layout stay key-for-key; its help says "No effect" and points to BASE in network blocks
+    "network_train_text_encoder",
+}
+
+
+def _unread_settings(fields) -> list[str]:
+    """Keys that no module of ``trainer/`` reads: neither ``.<attr>`` nor the key (or attr) as a string.
+
+    ``settings.py`` counts for attribute reads only: its tables name every key as a string.
+    """
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "trainer"
+    texts = {"table": [], "code": []}
+    for path in root.rglob("*.py"):
+        texts["table" if path == root / "settings.py" else "code"].append(path.read_text(encoding="utf-8"))
+    code, table = "\n".join(texts["code"]), "\n".join(texts["table"])
+    unread = []
+    for f in fields:
+        attr = re.compile(r"\." + re.escape(f.attr) + r"\b")
+        names = {f.key, f.attr}
+        quoted = re.compile("|".join(r"[\"']" + re.escape(n) + r"[\"']" for n in names))
+        if not (attr.search(code) or quoted.search(code) or attr.search(table)):
+            unread.append(f.key)
+    return unread
+
+
+def test_every_setting_in_the_table_is_read_by_the_code():
+    """A setting that is shown, saved and documented but changes nothing is a lie to the user."""
+    assert _unread_settings(FIELDS) == sorted(UNREAD_BY_DESIGN)
+
+
+def test_the_unread_scan_finds_a_new_dead_setting():
+    from trainer.settings import Field
+
+    dead = Field(key="zz_new_dead_setting", type=bool, default=False, help="x")
+    assert _unread_settings([dead, FIELD_BY_KEY["train_VAE_precision"], FIELD_BY_KEY["logging_verbose"]]) == [
+        "zz_new_dead_setting"]

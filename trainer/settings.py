@@ -320,8 +320,10 @@ FIELDS: tuple[Field, ...] = (
     _opt(3, "save_precision", str, "fp16",
          "Dtype of the saved tensors. fp16 halves the file; model = fp16.", choices=SAVE_PRECISIONS, **_DD, **_D2),
     _opt(3, "train_VAE_precision", str, "fp32",
-         "Dtype of the VAE while encoding images. fp32 avoids the SDXL VAE's fp16 NaNs.",
-         choices=LORA_PRECISIONS, **_DD, **_D2),
+         "Dtype of the VAE while encoding the training images (and decoding previews). fp32 avoids the SDXL VAE's "
+         "fp16 NaNs; bf16/fp16 save VRAM (fp16 is fp32 on CPU). Images are encoded before pass 1, so pass 2 has "
+         "none of its own. Web-UI: its own VAE as it is loaded (--no-half-vae).",
+         choices=LORA_PRECISIONS, **_DD),
     _opt(3, "diff_load_1st_pass", str, "",
          "Difference: LoRA file name (searched in the LoRA folder) to use as the copier instead of training "
          "pass 1. Saves time when reusing the same image pair.", modes=_DIFF),
@@ -332,7 +334,8 @@ FIELDS: tuple[Field, ...] = (
     _opt(3, "logging_save_csv", bool, True,
          "Write a per-step loss/LR CSV (logs/<date>/). It also feeds the live loss plot, so keep it on.", **_CH),
     _opt(3, "logging_verbose", bool, False,
-         "Print extra detail: file counts and every adapted module name.", **_CH),
+         "Print extra detail: file, caption and bucket counts of the dataset, and every adapted module name.",
+         **_CH),
     _opt(3, "save_overwrite", bool, False,
          "Allow overwriting an existing LoRA of the same name. Off: a job refuses to start when its files exist, and "
          "a name taken while it trained gets _1, _2... (no LoRA is ever replaced). One value per job.", **_CH),

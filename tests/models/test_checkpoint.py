@@ -37,8 +37,9 @@ def _prediction(bundle) -> torch.Tensor:
 def _assert_same(a, b) -> None:
     wa, wb = _weights(a), _weights(b)
     assert wa.keys() == wb.keys()
-    assert all(torch.equal(wa[k], wb[k]) for k in wa)
-    assert torch.equal(_prediction(a), _prediction(b))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)  # the round trip is bit-exact in the weights ...
+    # ... and wired the same; equal weights in differently laid-out tensors may round differently per CPU
+    torch.testing.assert_close(_prediction(a), _prediction(b), atol=1e-6, rtol=1e-5)
     assert (a.family, a.v_pred) == (b.family, b.v_pred)
 
 

@@ -80,8 +80,10 @@ def test_long_prompt_chunks(sd1, sdxl) -> None:
         dog = sd1.encode_prompts(["a dog"]).context
         xl = sdxl.encode_prompts([long_prompt])
     assert cond.context.shape == (2, 154, 32)
-    assert torch.equal(cond.context[1, :77], dog[0])      # short row: its own chunk ...
-    assert torch.equal(cond.context[1, 77:], empty[0])   # ... then an empty chunk
+    # a batch of 4 chunks and a batch of 1 may take different matmul kernels: equal to rounding, not bits
+    torch.testing.assert_close(cond.context[1, :77], dog[0], atol=1e-5, rtol=1e-5)    # short row: its own chunk ...
+    torch.testing.assert_close(cond.context[1, 77:], empty[0], atol=1e-5, rtol=1e-5)  # ... then an empty chunk
+    assert (cond.context[1, 77:] - dog[0]).abs().max() > 1e-2  # the two chunks are told apart by far more
     assert xl.context.shape == (1, 154, 80) and xl.pooled.shape == (1, 48)
     ids = sd1._chunk_ids(sd1.tokenizers[0], [long_prompt])[0]
     bos, eos = sd1.tokenizers[0].bos_token_id, sd1.tokenizers[0].eos_token_id

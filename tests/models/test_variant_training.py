@@ -26,6 +26,23 @@ peft = pytest.importorskip("peft")
 PRESETS = Path(__file__).resolve().parents[2] / "presets"
 
 
+# Two runs of the same training agree to float noise, not bit for bit: the folder and the single file hold
+# the same values in differently laid-out tensors, so kernels round differently, and Adam's normalised step
+# turns a near-zero gradient's rounding into a visible move of that element (up to 1.5e-5 of 3e-4 after 3
+# steps on one x86 CPU). Measured (tiny-sd1 / tiny-sdxl): folder vs single file 2.9e-5 / 2.6e-5; the same
+# file trained without its zero-terminal-SNR key 0.15 / 0.13; train_snr_gamma +1% 9e-4.
+SAME_LORA_TOL = 5e-3
+
+
+def trained_distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    """‖a − b‖ / ‖b‖ over the ``lora_up`` tensors: they start at zero, so all they hold was trained (the
+    ``lora_down`` init would dilute the measure)."""
+    keys = [k for k in b if "lora_up" in k]
+    diff = sum(float(((a[k].double() - b[k].double()) ** 2).sum()) for k in keys)
+    norm = sum(float((b[k].double() ** 2).sum()) for k in keys)
+    return (diff / max(norm, 1e-300)) ** 0.5
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("data")
@@ -141,7 +158,7 @@ def test_ema_choice_changes_what_is_trained(tmp_path, data) -> None:
     regular = load_lora(train(str(path), tmp_path / "a", data, steps=2))[0]
     ema = load_lora(train(str(path), tmp_path / "b", data, steps=2, extra=("--set", "model_use_ema=true")))[0]
     assert regular.keys() == ema.keys()
-    assert max((regular[k] - ema[k]).abs().max().item() for k in regular) > 1e-6
+    assert trained_distance(regular, ema) > 100 * SAME_LORA_TOL
 
 
 @pytest.mark.parametrize("base", ["tiny-sd1", "tiny-sdxl"])
@@ -157,8 +174,11 @@ def test_folder_and_single_file_train_the_same_lora(base, tmp_path, data) -> Non
     b = load_lora(train(str(single), tmp_path / "b", data, steps=3))[0]
     assert a.keys() == b.keys()
     assert max(v.abs().max().item() for k, v in a.items() if "lora_up" in k) > 0  # it trained
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4)
+    assert trained_distance(a, b) <= SAME_LORA_TOL
+    if base == "tiny-sd1":  # the tolerance still sees the schedule: the file without its ztsnr key trains apart
+        plain = civitai_file(parts, tmp_path / "plain.safetensors", markers=("v_pred",))
+        c = load_lora(train(str(plain), tmp_path / "c", data, steps=3))[0]
+        assert trained_distance(c, b) > 10 * SAME_LORA_TOL
 
 
 def test_small_vocab_single_file_has_no_tokenizer_and_says_so(tmp_path) -> None:

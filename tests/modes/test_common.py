@@ -12,6 +12,7 @@ from trainer.modes.common import (
     DenoiseLoss,
     NoiseSchedule,
     PassResult,
+    Precision,
     resolve_precision,
     sample_timesteps,
     save_steps,
@@ -193,3 +194,85 @@ def test_stop_and_stop_and_save():
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_save():
     with pytest.raises(StopTraining, match="loss became nan at step 3.*file_2"):
         _loop(10, loss_value=math.nan, save_every=2)
+
+
+class _ScalerSpy(Precision):
+    """The loop's Precision, keeping the scaler it makes (to read its scale)."""
+
+    made: list = []
+
+    def make_scaler(self):
+        scaler = super().make_scaler()
+        type(self).made.append(scaler)
+        return scaler
+
+
+def _fp16_autocast_works(device: str) -> bool:
+    try:
+        with torch.autocast(device, dtype=torch.float16):
+            return torch.nn.functional.linear(torch.ones(1, 2, device=device), torch.ones(2, 2, device=device)).dtype \
+                == torch.float16
+    except (RuntimeError, ValueError):
+        return False
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("max_grad_norm", [0.0, 10.0], ids=["no-clip", "clip"])
+def test_fp16_loss_scaling_unscales_steps_and_skips_an_overflowing_step(device, max_grad_norm):
+    """Under fp16 autocast the loss is scaled (2^16), the step uses the unscaled gradient, and a step whose
+    fp16 gradient overflows is skipped (weights untouched) while the scale halves; the next step trains."""
+    from trainer.network.lora import LoRAModule
+
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    if not _fp16_autocast_works(device) or not hasattr(torch.amp, "GradScaler"):
+        pytest.skip(f"this torch has no fp16 autocast / GradScaler on {device}")
+    torch.manual_seed(0)
+    base = torch.nn.Linear(16, 16).to(device).requires_grad_(False)
+    adapter = LoRAModule("lora_unet_x", base, 4, 4.0)
+    torch.nn.init.normal_(adapter.lora_up.weight, std=0.1)  # both factors get a gradient from step 1
+    adapter.attach()
+    x, target = torch.randn(8, 16, device=device), torch.randn(8, 16, device=device)
+
+    def loss_step(i):
+        out = base(x)  # fp16 under autocast
+        if i == 2:  # dL/d(out) = 4 per element: 4 · 2^16 overflows fp16 (max 65504) in the backward
+            return out.float().sum() * 4.0
+        return torch.nn.functional.mse_loss(out.float(), target)
+
+    def reference_grad() -> list[torch.Tensor]:
+        """The step-1 gradient without a scaler (same fp16 autocast)."""
+        adapter.zero_grad(set_to_none=True)
+        with torch.autocast(device, dtype=torch.float16):
+            loss = loss_step(0)
+        loss.backward()
+        grads = [p.grad.clone() for p in adapter.parameters()]
+        adapter.zero_grad(set_to_none=True)
+        return grads
+
+    expected = [p.detach() - 0.1 * g for p, g in zip(adapter.parameters(), reference_grad(), strict=True)]
+    snapshots = [[p.detach().clone() for p in adapter.parameters()]]
+    _ScalerSpy.made = []
+    precision = _ScalerSpy(torch.float16, torch.float32, torch.device(device))
+    scales = []
+
+    def after_step(step):
+        snapshots.append([p.detach().clone() for p in adapter.parameters()])
+        scales.append(_ScalerSpy.made[0].get_scale())
+
+    try:
+        result = train_pass(loss_step, total_steps=4, optimizer=_Opt(list(adapter.parameters())),
+                            schedule=_Sched(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)),
+                            precision=precision, events=Events([]), stop=lambda: None, save=lambda step: "",
+                            max_grad_norm=max_grad_norm, after_step=after_step)
+    finally:
+        adapter.detach()
+    assert result.status == "done" and result.steps == 4
+    assert _ScalerSpy.made[0].is_enabled()
+    assert scales == [2.0**16, 2.0**16, 2.0**15, 2.0**15]  # halved by the overflow, not before
+    # step 1 moved by the unscaled gradient (a missing unscale would move 65536x as far)
+    for got, want, before in zip(snapshots[1], expected, snapshots[0], strict=True):
+        assert (want - before).abs().max() > 1e-4
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-3)
+    assert all(torch.equal(a, b) for a, b in zip(snapshots[2], snapshots[3], strict=True))  # step 3: skipped
+    assert all(not torch.equal(a, b) for a, b in zip(snapshots[3], snapshots[4], strict=True))  # step 4 trains

@@ -78,6 +78,7 @@ class DiffusersBundle:
         for module in (self.unet, *tes):
             _freeze(module, device, self.dtype)
         _freeze(self.vae, device, self.vae_dtype)
+        self._vae_loaded: dict[str, torch.Tensor] | None = None  # the VAE as loaded, once set_vae_precision casts it
         if quantise:
             _quantise_int8(self.unet)
 
@@ -204,6 +205,22 @@ class DiffusersBundle:
             return "train_compile is not supported on Windows (no Triton); training uncompiled"
         return ("train_compile is not supported with patched adapters yet (compiled gradients differ from eager); "
                 "training uncompiled")
+
+    def set_vae_precision(self, dtype: torch.dtype) -> None:
+        """``train_VAE_precision``: the VAE's dtype for encoding images (and decoding previews).
+
+        Set every job (the host reuses a cached bundle between jobs). The weights are always cast from the
+        ones loaded: a bf16 job would otherwise leave rounded weights behind for the next fp32 job, so the
+        loaded VAE is kept on the CPU at the first change. fp32 here cannot bring back what an fp16 load
+        rounded away.
+        """
+        if dtype == self.vae_dtype:
+            return
+        if self._vae_loaded is None:
+            self._vae_loaded = {k: v.detach().to("cpu", copy=True) for k, v in self.vae.state_dict().items()}
+        self.vae_dtype = dtype
+        nn.Module.to(self.vae, dtype=dtype)  # diffusers' own .to() warns about fp32 modules
+        self.vae.load_state_dict(self._vae_loaded)  # copies round the loaded weights once, into dtype
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         """Non-reentrant activation checkpointing of the U-Net blocks (reentrant breaks LoRA grads)."""

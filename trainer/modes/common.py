@@ -191,9 +191,15 @@ class Precision:
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     def make_scaler(self):
-        """A real GradScaler only for fp16 on CUDA; elsewhere a pass-through with the same interface."""
-        enabled = self.model_dtype == torch.float16 and self.device.type == "cuda"
-        if hasattr(torch, "amp") and hasattr(torch.amp, "GradScaler"):
+        """A real GradScaler for fp16 autocast; elsewhere a pass-through with the same interface.
+
+        fp16 gradients underflow without loss scaling. ``resolve_precision`` gives fp16 on CUDA only; a CPU
+        scaler (torch >= 2.3) lets the same path run, and be tested, under CPU fp16 autocast.
+        """
+        new_api = hasattr(torch, "amp") and hasattr(torch.amp, "GradScaler")
+        supported = self.device.type == "cuda" or (self.device.type == "cpu" and new_api)
+        enabled = self.model_dtype == torch.float16 and supported
+        if new_api:
             return torch.amp.GradScaler(self.device.type, enabled=enabled)
         return torch.cuda.amp.GradScaler(enabled=enabled)  # torch < 2.3 (A1111)
 
@@ -225,6 +231,22 @@ def resolve_precision(model_precision: str, lora_precision: str, device: torch.d
     if adapter_dtype == torch.float16:
         raise SettingsError("train_lora_precision", "fp16 adapters cannot be trained with loss scaling; choose fp32 (or bf16)")
     return Precision(model_dtype, adapter_dtype, device, tuple(notes))
+
+
+def resolve_vae_precision(vae_precision: str, device: torch.device) -> tuple[torch.dtype, str | None]:
+    """``train_VAE_precision`` as a dtype for this device, and a note when it had to change.
+
+    fp16 on CPU runs as fp32 (as for the frozen weights: CPU half kernels are slow or missing).
+
+    Raises:
+        SettingsError: an unknown precision.
+    """
+    key = vae_precision.lower()
+    if key not in _DTYPES:
+        raise SettingsError("train_VAE_precision", f"unknown '{vae_precision}'; choose fp32, bf16 or fp16")
+    if device.type == "cpu" and _DTYPES[key] == torch.float16:
+        return torch.float32, "train_VAE_precision fp16 is a GPU precision; on this CPU the VAE encodes in fp32"
+    return _DTYPES[key], None
 
 
 # -- the step loop ------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from trainer.modes.common import (
     PassResult,
     Precision,
     resolve_precision,
+    resolve_vae_precision,
     save_steps,
     train_pass,
 )
@@ -112,6 +113,11 @@ class RunContext:
         elif clip_skip != 1:  # the Web-UI encodes prompts with its own "Clip skip" option
             ctx.note(f"clip_skip {clip_skip} is not used here: the Web-UI's own Clip skip option applies "
                      f"(recorded: {getattr(bundle, 'clip_skip', None)})")
+        if hasattr(bundle, "set_vae_precision"):  # standalone; the Web-UI encodes with its own VAE as it is
+            vae_dtype, why = resolve_vae_precision(settings.train_VAE_precision, bundle.device)
+            bundle.set_vae_precision(vae_dtype)
+            if why:
+                ctx.note(why)
         if hasattr(bundle, "set_compile"):  # set every job: the host reuses a cached bundle between jobs
             why = bundle.set_compile(bool(getattr(settings, "train_compile", False)))
             if why:
@@ -214,6 +220,9 @@ def build_adapters(ctx: RunContext, s, *, resume: str = "", seed_offset: int = 0
         ctx.events.info(f"network initialised from {resume}: {report}")
     network.attach()
     ctx.events.info(network.summary())
+    if s.logging_verbose:  # every adapted module, under the name it is saved with
+        for adapter in network.adapters.values():
+            ctx.events.info(f"  {adapter.extra_repr()}")
     return network
 
 
@@ -502,11 +511,36 @@ def encode_dataset_images(ctx: RunContext, plan, *, pairs: bool = False):
     if getattr(ctx.settings, "image_cache_latents_to_disk", False):
         cache_dir = Path(ctx.settings.lora_data_directory) / ".traintrain_cache"
     started = time.perf_counter()
-    cached = encoder(plan, encode, batch_size=8, cache_dir=cache_dir, cache_key=f"{bundle.name}|{ctx.settings.vae}")
+    # the VAE's dtype is part of the key: latents cached by a bf16 VAE are not what an fp32 run asks for
+    cache_key = f"{bundle.name}|{ctx.settings.vae}|{getattr(bundle, 'vae_dtype', '')}"
+    cached = encoder(plan, encode, batch_size=8, cache_dir=cache_dir, cache_key=cache_key)
     seconds = time.perf_counter() - started
     ctx.events.info(f"Encoded {total} in {seconds:.1f} s ({total / max(seconds, 1e-9):.1f}/s)")
     # the latents stay on the CPU (data/cache.py's contract): each step's gather moves its own batch only,
     # so a big SDXL folder does not fill the device's memory
     for warning in plan.warnings:
         ctx.note(warning)
+    if ctx.settings.logging_verbose:
+        for line in describe_plan(plan, pairs=pairs):
+            ctx.events.info(line)
     return cached
+
+
+def describe_plan(plan, *, pairs: bool = False) -> list[str]:
+    """``logging_verbose`` lines: how many files, caption files and samples per bucket the dataset has."""
+    from trainer.data.scan import CAPTION_EXTENSIONS
+
+    items = [p.orig for p in plan.pairs] if pairs else [x for x in plan.samples if not x.is_reg]
+    files = sorted({str(x.path) for x in items})
+    captioned = sum(1 for f in files if any(Path(f).with_suffix(ext).is_file() for ext in CAPTION_EXTENSIONS))
+    lines = [f"Dataset: {len(files)} {'pairs' if pairs else 'image files'}, {captioned} with a caption file "
+             f"({'/'.join(CAPTION_EXTENSIONS)}), {len(files) - captioned} without; {len(items)} samples"]
+    if not pairs:
+        reg = {str(x.path) for x in plan.samples if x.is_reg}
+        if reg:
+            lines.append(f"Regularization: {len(reg)} image files")
+    counts = plan.bucket_counts() if hasattr(plan, "bucket_counts") else {}
+    used = [f"{b[0]}x{b[1]}: {n}" for b, n in counts.items() if n]
+    if used:
+        lines.append("Buckets (width x height: samples): " + ", ".join(used))
+    return lines
