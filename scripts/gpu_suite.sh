@@ -27,7 +27,7 @@ if [ "$MODE" = "--cpu" ]; then
     $PY -m trainer bench --suite gpu --tiny --threads 1 --data "$WORK/data" --json "$WORK/ours.json" >/dev/null || exit 1
     stamp "kohya sd15 (real size, 64 px, fp32)"
     $PY scripts/kohya_bench.py run --work "$WORK" --case sd15 --steps 3 --warmup 1 --resolution 64 --batch 2 \
-        --mixed-precision no --workers 1 --timeout 900 --json "$WORK/kohya_sd15.json" >/dev/null
+        --mixed-precision no --workers 1 --timeout 1800 --json "$WORK/kohya_sd15.json" >/dev/null
     KOHYA_JSONS=("$WORK/kohya_sd15.json")
 else
     stamp "prepare (sd15 + sdxl checkpoints, 1024 px data, tokenizers)"

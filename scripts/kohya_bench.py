@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -186,6 +187,8 @@ def run(case: str, work: Path, steps: int, resolution: int, batch: int, mixed_pr
         figures["error"] = f"kohya ended ({code}) without timings: " + " | ".join(tail)
         return figures
     child = json.loads(stamps_file.read_text(encoding="utf-8"))
+    logged = re.search(r"create LoRA for U-Net: (\d+) modules", log.read_text(encoding="utf-8", errors="replace"))
+    figures["adapters"] = int(logged.group(1)) if logged else None
     stamps = child["stamps"]
     figures.update(steady(stamps, warmup))
     figures["warmup_steps"] = warmup

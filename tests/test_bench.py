@@ -160,10 +160,10 @@ def test_goals_and_merge_compute_speedups():
     from trainer.bench_suite import goals
 
     ours = {"size": "full", "cases": {
-        "sd15": {"steps_per_s": 6.5, "ttfs_loaded_minus_caching_s": 1.2, "ttfs_caching_warm_s": 0.8},
+        "sd15": {"steps_per_s": 6.5, "ttfs_loaded_minus_caching_s": 1.2, "ttfs_caching_warm_s": 0.8, "adapters": 192},
         "sdxl": {"steps_per_s": 2.0, "cuda_peak_training_mb_checkpointing": 11 * 1024},
         "ileco": {"seconds_after_load": 24.0, "steps": 500}}}
-    kohya = [{"case": "sd15", "steps_per_s": 5.0}, {"case": "sdxl", "steps_per_s": 2.0}]
+    kohya = [{"case": "sd15", "steps_per_s": 5.0, "adapters": 192}, {"case": "sdxl", "steps_per_s": 2.0}]
     merged = _kohya_bench().merge(ours, kohya)
     g = merged["goals"]
     assert g["sd15_speedup_vs_kohya"]["value"] == 1.3 and g["sd15_speedup_vs_kohya"]["met"] is True
@@ -171,6 +171,7 @@ def test_goals_and_merge_compute_speedups():
     assert g["sdxl_peak_vram_gb_checkpointing"] == {"value": 11.0, "goal": "< 10", "met": False}
     assert g["ileco_500_seconds"]["met"] is True and g["ttfs_loaded_s_plus_caching"]["met"] is True
     assert merged["kohya"]["cases"]["sd15"]["steps_per_s"] == 5.0
+    assert g["sd15_same_modules"] == {"ours": 192, "kohya": 192, "met": True} and "sdxl_same_modules" not in g
     assert goals({"size": "tiny", "cases": ours["cases"]})["ileco_500_seconds"]["met"] is None  # tiny: no verdict
 
 

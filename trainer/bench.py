@@ -190,7 +190,11 @@ def minimal_loop(bundle, settings, *, steps: int, reference_forwards: int, stack
     try:
         for frozen in networks[:-1]:
             frozen.requires_grad_(False)
-        opt = torch.optim.AdamW([p for p in network.parameters() if p.requires_grad], lr=1e-4)
+        from trainer.optim import fused_adam_supported
+
+        params = [p for p in network.parameters() if p.requires_grad]
+        # the same kernel the trainer's AdamW uses (fused where torch has it), so the ratio stays plumbing only
+        opt = torch.optim.AdamW(params, lr=1e-4, **({"fused": True} if fused_adam_supported(bundle.device) else {}))
         h, w = settings.image_size
         f = bundle.vae_scale_factor
         batch = int(settings.train_batch_size)

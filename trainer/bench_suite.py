@@ -131,6 +131,17 @@ def _job(settings, host, device: torch.device, *, training_peak: bool = False) -
     return timing, peaks
 
 
+def adapter_count(result: dict[str, Any]) -> int | None:
+    """Adapted modules in the saved LoRA (kohya logs its count as "create LoRA for U-Net: N modules")."""
+    path = result.get("lora_path")
+    if not path:
+        return None
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as handle:
+        return sum(1 for key in handle.keys() if key.endswith(".lora_down.weight"))
+
+
 def _warmup(settings):
     """The same job, a few steps long: warms kernels, cuDNN autotuning and the allocator; not timed."""
     from trainer.settings import Settings
@@ -161,7 +172,8 @@ def case_sd15(cfg: dict[str, Any], host, data: Path) -> dict[str, Any]:
     timing, peaks = _job(s, host, device)
     parts = bench._ttfs_parts(timing, "_warm")
     out = {"model": s.model, "resolution": cfg["sd15_res"], "batch": 2, "rank": 16, "precision": cfg["precision"],
-           "steps": cfg["steps"], "modules": "unet (lierla)", "model_load_s": load_s, **steady_rate(timing), **parts,
+           "steps": cfg["steps"], "modules": "unet (lierla)", "adapters": adapter_count(timing.result),
+           "model_load_s": load_s, **steady_rate(timing), **parts,
            **peaks}
     caching = parts.get("ttfs_caching_warm_s") or 0.0
     first = parts.get("time_to_first_step_warm_s")
@@ -180,6 +192,7 @@ def case_sdxl(cfg: dict[str, Any], host, data: Path) -> dict[str, Any]:
     timing, peaks = _job(fast, host, device, training_peak=True)
     out: dict[str, Any] = {"model": fast.model, "resolution": cfg["sdxl_res"], "batch": 1, "rank": 16,
                            "precision": cfg["precision"], "steps": steps, "modules": "unet (lierla)",
+                           "adapters": adapter_count(timing.result),
                            "model_load_s": load_s, **steady_rate(timing),
                            **{f"{k}_no_checkpointing": v for k, v in peaks.items()}}
     gc_settings = _settings("LoRA", cfg["sdxl_model"], cfg["sdxl_res"], steps=max(steps // 2, 4), batch=1,
@@ -274,6 +287,9 @@ def goals(figures: dict[str, Any], kohya: dict[str, Any] | None = None) -> dict[
     for name, target in (("sd15", 1.3), ("sdxl", 1.1)):
         ours = cases.get(name, {}).get("steps_per_s")
         theirs = ((kohya or {}).get("cases", {}).get(name) or {}).get("steps_per_s")
+        counts = (cases.get(name, {}).get("adapters"), ((kohya or {}).get("cases", {}).get(name) or {}).get("adapters"))
+        if None not in counts:  # a fair comparison trains the same modules on both sides
+            out[f"{name}_same_modules"] = {"ours": counts[0], "kohya": counts[1], "met": counts[0] == counts[1]}
         if ours and theirs:
             ratio = ours / theirs
             out[f"{name}_speedup_vs_kohya"] = {"value": round(ratio, 3), "ours_steps_per_s": ours,

@@ -200,14 +200,14 @@ def _torch(cls_name: str, **defaults: object) -> Callable[[_Request], torch.opti
         # one fused kernel per step instead of ~10 per tensor; float params on CUDA (or on the CPU from torch
         # 2.4, where it measured ~4x faster than the default per-tensor loop), the user's choice wins
         if (cls_name in ("Adam", "AdamW") and params and "fused" not in req.kwargs and "foreach" not in req.kwargs
-                and all(p.is_floating_point() and _fused_device(p.device) for p in params)):
+                and all(p.is_floating_point() and fused_adam_supported(p.device) for p in params)):
             req.kwargs["fused"] = True
         return _construct(req, cls, req.groups, lr=req.lr)
 
     return factory
 
 
-def _fused_device(device: torch.device) -> bool:
+def fused_adam_supported(device: torch.device) -> bool:
     """Whether torch's fused Adam/AdamW runs on this device (CPU support arrived in torch 2.4)."""
     if device.type == "cuda":
         return True
