@@ -43,5 +43,6 @@ else
     KOHYA_JSONS=("$WORK/kohya_sd15.json" "$WORK/kohya_sdxl.json")
 fi
 stamp "merge"
-$PY scripts/kohya_bench.py merge --ours "$WORK/ours.json" --kohya "${KOHYA_JSONS[@]}" --out "$OUT"
+$PY scripts/kohya_bench.py merge --ours "$WORK/ours.json" --kohya "${KOHYA_JSONS[@]}" --out "$OUT" \
+    --wall-s "$(( $(date +%s) - start ))"
 stamp "done: $OUT"

@@ -1,5 +1,8 @@
 """Benchmark: ``python -m trainer bench --model NAME --mode MODE --json OUT``.
 
+``--suite gpu`` runs the issue-20 goal suite instead (``trainer/bench_suite.py``; kohya's side is
+``scripts/kohya_bench.py``, both together ``scripts/gpu_suite.sh``).
+
 Measures one real job (time to first step and where it went, steps/s, images/s, latent-caching
 images/s, peak memory) and the **overhead ratio**: our median step time divided by the median step
 time of a minimal loop (forward, MSE, backward, AdamW step) over the same U-Net, adapters and batch

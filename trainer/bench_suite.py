@@ -120,7 +120,11 @@ def _job(settings, host, device: torch.device, *, training_peak: bool = False) -
     _reset_peak(device)
     peaks: dict[str, Any] = {}
     if training_peak and device.type == "cuda":
-        timing = bench.run_once(settings, host, device, on_pass_start=lambda: torch.cuda.reset_peak_memory_stats(device))
+        def at_pass_start() -> None:
+            peaks.setdefault("cuda_peak_caching_mb", _cuda_mb(device, "allocated"))  # model + VAE encoding
+            torch.cuda.reset_peak_memory_stats(device)
+
+        timing = bench.run_once(settings, host, device, on_pass_start=at_pass_start)
         peaks["cuda_peak_training_mb"] = _cuda_mb(device, "allocated")
         peaks["cuda_reserved_training_mb"] = _cuda_mb(device, "reserved")
     else:
@@ -199,6 +203,10 @@ def case_sdxl(cfg: dict[str, Any], host, data: Path) -> dict[str, Any]:
                             precision=cfg["precision"], data=data, checkpointing=True)
     gc_timing, gc_peaks = _job(gc_settings, host, device, training_peak=True)
     out.update({f"{k}_checkpointing": v for k, v in gc_peaks.items()})
+    from trainer.vram import estimate_vram
+
+    with host.acquire(gc_settings.model, "", precision=gc_settings.train_model_precision, v_pred=None) as bundle:
+        out["vram_estimate_gb_checkpointing"] = estimate_vram(gc_settings, bundle).total_gb  # to set beside the peak
     out["steps_per_s_checkpointing"] = steady_rate(gc_timing)["steps_per_s"]
     return out
 
