@@ -185,3 +185,30 @@ def test_gpu_suite_runs_tiny_on_the_cpu(tmp_path):
     assert figures["size"] == "tiny" and figures["device"] == "cpu" and case["steps"] == 4
     assert 0 < case["seconds_after_load"] < figures["suite_wall_s"] and case["steps_per_s"] > 0
     assert figures["goals"]["ileco_500_seconds"]["met"] is None
+
+
+def test_kohya_wrapper_times_a_training_script_by_its_optimizer_steps(tmp_path, monkeypatch):
+    """The child hooks every optimizer step of whatever script it runs as __main__ (a stand-in for kohya's),
+    reads the module count from its log, and keeps a per-step trail that survives a timeout."""
+    kb = _kohya_bench()
+    fake = tmp_path / "kohya"
+    fake.mkdir()
+    (fake / "train_network.py").write_text(
+        "import sys, time, torch\n"
+        "steps = int(sys.argv[sys.argv.index('--max_train_steps') + 1])\n"
+        "p = torch.nn.Parameter(torch.zeros(1))\n"
+        "opt = torch.optim.SGD([p], lr=0.1)\n"
+        "print('create LoRA for U-Net: 7 modules.')\n"
+        "for _ in range(steps):\n"
+        "    time.sleep(0.02)\n"
+        "    p.sum().backward()\n"
+        "    opt.step()\n", encoding="utf-8")
+    monkeypatch.setenv("TRAINTRAIN_KOHYA_DIR", str(fake))
+    monkeypatch.setattr(kb, "KOHYA", fake)
+    work = tmp_path / "work"
+    work.mkdir()
+    figures = kb.run("sd15", work, 6, 64, 2, "no", 0, timeout=120)
+    assert figures["error"] is None and figures["steps_done"] == 6 and figures["adapters"] == 7
+    assert 1 < figures["steps_per_s"] < 50  # 20 ms sleeps: at most 50 steps/s
+    trail = (work / "kohya_sd15_stamps.json.partial").read_text(encoding="utf-8").split()
+    assert len(trail) == 6  # what a timed-out run would still report

@@ -262,25 +262,3 @@ def test_schedule_free_eval_moves_to_average_and_train_restores():
     assert all(torch.equal(a, p) for a, p in zip(x, net.parameters(), strict=True))
     train_mode(opt)
     assert all(torch.allclose(a, p, atol=1e-6) for a, p in zip(y, net.parameters(), strict=True))
-
-
-@pytest.mark.parametrize("name", ["AdamW", "Adam"])
-def test_adam_is_fused_on_the_cpu_from_torch_2_4(name, monkeypatch):
-    """The fused kernel (~4x the default per-tensor loop on a CPU, docs/benchmarks.md) where torch has it;
-    the same numbers as the loop within float rounding; an explicit foreach/fused setting wins."""
-    net = _net()
-    fused = build_optimizer(name, _groups(net), lr=1e-2, settings={}).optimizer
-    assert fused.defaults["fused"] is True
-    explicit = build_optimizer(name, _groups(net), lr=1e-2, settings={"foreach": False}).optimizer
-    assert not explicit.defaults["fused"] and explicit.defaults["foreach"] is False
-    twin = _net()
-    loop = build_optimizer(name, _groups(twin), lr=1e-2, settings={"fused": False}).optimizer
-    for model, opt in ((net, fused), (twin, loop)):
-        for _ in range(5):
-            model(torch.ones(2, 16)).square().sum().backward()
-            opt.step()
-            opt.zero_grad()
-    for a, b in zip(net.parameters(), twin.parameters(), strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-    monkeypatch.setattr(torch, "__version__", "2.3.1+cpu")  # A1111/Forge's torch: no fused CPU kernel
-    assert not build_optimizer(name, _groups(_net()), lr=1e-2, settings={}).optimizer.defaults["fused"]

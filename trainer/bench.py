@@ -193,11 +193,9 @@ def minimal_loop(bundle, settings, *, steps: int, reference_forwards: int, stack
     try:
         for frozen in networks[:-1]:
             frozen.requires_grad_(False)
-        from trainer.optim import fused_adam_supported
-
         params = [p for p in network.parameters() if p.requires_grad]
-        # the same kernel the trainer's AdamW uses (fused where torch has it), so the ratio stays plumbing only
-        opt = torch.optim.AdamW(params, lr=1e-4, **({"fused": True} if fused_adam_supported(bundle.device) else {}))
+        # the kernel the trainer's AdamW uses (fused on CUDA, trainer/optim.py), so the ratio stays plumbing only
+        opt = torch.optim.AdamW(params, lr=1e-4, **({"fused": True} if bundle.device.type == "cuda" else {}))
         h, w = settings.image_size
         f = bundle.vae_scale_factor
         batch = int(settings.train_batch_size)

@@ -297,7 +297,7 @@ def goals(figures: dict[str, Any], kohya: dict[str, Any] | None = None) -> dict[
         theirs = ((kohya or {}).get("cases", {}).get(name) or {}).get("steps_per_s")
         counts = (cases.get(name, {}).get("adapters"), ((kohya or {}).get("cases", {}).get(name) or {}).get("adapters"))
         if None not in counts:  # a fair comparison trains the same modules on both sides
-            out[f"{name}_same_modules"] = {"ours": counts[0], "kohya": counts[1], "met": counts[0] == counts[1]}
+            out[f"{name}_same_modules"] = {"ours": counts[0], "kohya": counts[1], "met": met(counts[0] == counts[1])}
         if ours and theirs:
             ratio = ours / theirs
             out[f"{name}_speedup_vs_kohya"] = {"value": round(ratio, 3), "ours_steps_per_s": ours,
