@@ -2,15 +2,21 @@
 # Build .gpu_carry/ (ignored by git) for the device machine, which has no internet: kohya sd-scripts' training
 # code (from third_party/sd-scripts, never committed) and the wheels both sides miss there (Python 3.12, its
 # torch/transformers/accelerate/torchvision/opencv are already installed). Run once, here, with internet:
-#   git clone https://github.com/kohya-ss/sd-scripts third_party/sd-scripts   # or from a mirror
-#   scripts/gpu_carry.sh
+#   KOHYA_SOURCE=https://github.com/kohya-ss/sd-scripts scripts/gpu_carry.sh   # or a local mirror path
 # then, in the device run, carry ".gpu_carry" and start with scripts/gpu_device_run.sh (docs/benchmarks.md).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 SRC=${TRAINTRAIN_KOHYA_DIR:-$ROOT/third_party/sd-scripts}
 DEST=$ROOT/.gpu_carry
 PY=${PYTHON:-python3}
-[ -f "$SRC/train_network.py" ] || { echo "kohya sd-scripts not found at $SRC" >&2; exit 1; }
+# KOHYA_SOURCE (a git URL or a local mirror) clones kohya first; large binaries it does not need are left out
+# (a mirror may lack their objects: bitsandbytes_windows/ DLLs, configs/qwen3_06b/ tokenizer)
+if [ ! -f "$SRC/train_network.py" ] && [ -n "${KOHYA_SOURCE:-}" ]; then
+    git clone -q --no-checkout "$KOHYA_SOURCE" "$SRC"
+    git -C "$SRC" sparse-checkout set --no-cone '/*' '!/bitsandbytes_windows/' '!/configs/qwen3_06b/' 2>/dev/null || true
+    git -C "$SRC" checkout -q
+fi
+[ -f "$SRC/train_network.py" ] || { echo "kohya sd-scripts not found at $SRC (set KOHYA_SOURCE to clone it)" >&2; exit 1; }
 rm -rf "$DEST/sd-scripts"
 mkdir -p "$DEST/sd-scripts" "$DEST/wheels-ours" "$DEST/wheels-kohya"
 # only what train_network.py / sdxl_train_network.py import: the entry points, library/ and networks/
