@@ -187,8 +187,10 @@ def run(case: str, work: Path, steps: int, resolution: int, batch: int, mixed_pr
         figures["error"] = f"kohya ended ({code}) without timings: " + " | ".join(tail)
         return figures
     child = json.loads(stamps_file.read_text(encoding="utf-8"))
-    logged = re.search(r"create LoRA for U-Net: (\d+) modules", log.read_text(encoding="utf-8", errors="replace"))
+    text = log.read_text(encoding="utf-8", errors="replace")
+    logged = re.search(r"create LoRA for U-Net: (\d+) modules", text)
     figures["adapters"] = int(logged.group(1)) if logged else None
+    figures["tqdm_steps_per_s"] = tqdm_rate(text)
     stamps = child["stamps"]
     figures.update(steady(stamps, warmup))
     figures["warmup_steps"] = warmup
@@ -196,6 +198,15 @@ def run(case: str, work: Path, steps: int, resolution: int, batch: int, mixed_pr
                     "cuda_peak_mb": round(child["cuda_peak_mb"], 1) if child["cuda_peak_mb"] else None,
                     "error": child["error"] or (None if len(stamps) >= steps else f"only {len(stamps)} steps")})
     return figures
+
+
+def tqdm_rate(log: str) -> float | None:
+    """kohya's own last progress-bar rate (tqdm's smoothed it/s or s/it), kept as a cross-check of the hook."""
+    rates = re.findall(r"steps:.*?([\d.]+)(it/s|s/it)", log)
+    if not rates:
+        return None
+    value, unit = rates[-1]
+    return round(float(value) if unit == "it/s" else 1 / float(value), 4)
 
 
 def _commit() -> str | None:

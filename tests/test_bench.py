@@ -141,6 +141,8 @@ def test_suite_and_kohya_rates_use_the_same_arithmetic():
     assert steady_rate(timing) == {"steps_per_s": 2.0, "step_s_median": 0.5}
     assert _kohya_bench().steady(ends) == {"steps_per_s": 2.0, "step_s_median": 0.5}
     assert _kohya_bench().steady(ends[:3])["steps_per_s"] is None  # nothing left after warm-up
+    bar = "steps:  50%|#   | 20/40 [00:03<00:03, 6.21it/s, avr_loss=0.1]\rsteps:  55%|# | 22/40 [00:05, 2.50s/it]"
+    assert _kohya_bench().tqdm_rate(bar) == 0.4 and _kohya_bench().tqdm_rate("no bar") is None  # the last rate
 
 
 def test_kohya_gets_its_best_flags_and_the_same_module_set():
