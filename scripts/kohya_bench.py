@@ -107,7 +107,9 @@ def kohya_args(case: str, work: Path, steps: int, resolution: int, batch: int, m
 def child_env() -> dict[str, str]:
     """kohya's pinned libraries first, then kohya itself; offline, as on the device machine."""
     env = dict(os.environ)
-    paths = [str(KOHYA_DEPS), str(KOHYA)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+    # TRAINTRAIN_KOHYA_EXTRA_PATH: more folders for kohya only (a CPU-only machine's torchvision stand-in)
+    extra = [env["TRAINTRAIN_KOHYA_EXTRA_PATH"]] if env.get("TRAINTRAIN_KOHYA_EXTRA_PATH") else []
+    paths = [str(KOHYA_DEPS), *extra, str(KOHYA)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
     env.update({"PYTHONPATH": os.pathsep.join(paths), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                 "DIFFUSERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"})
     return env
