@@ -1,5 +1,8 @@
 """Benchmark: ``python -m trainer bench --model NAME --mode MODE --json OUT``.
 
+``--suite gpu`` runs the issue-20 goal suite instead (``trainer/bench_suite.py``; kohya's side is
+``scripts/kohya_bench.py``, both together ``scripts/gpu_suite.sh``).
+
 Measures one real job (time to first step and where it went, steps/s, images/s, latent-caching
 images/s, peak memory) and the **overhead ratio**: our median step time divided by the median step
 time of a minimal loop (forward, MSE, backward, AdamW step) over the same U-Net, adapters and batch
@@ -24,6 +27,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -93,6 +97,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--preview-steps", type=int, default=20, help="sampling steps of each timed preview")
     p.add_argument("--device")
     p.add_argument("--json", help="write the figures here")
+    from trainer.bench_suite import add_arguments
+
+    add_arguments(p)
     return p
 
 
@@ -186,7 +193,9 @@ def minimal_loop(bundle, settings, *, steps: int, reference_forwards: int, stack
     try:
         for frozen in networks[:-1]:
             frozen.requires_grad_(False)
-        opt = torch.optim.AdamW([p for p in network.parameters() if p.requires_grad], lr=1e-4)
+        params = [p for p in network.parameters() if p.requires_grad]
+        # the kernel the trainer's AdamW uses (fused on CUDA, trainer/optim.py), so the ratio stays plumbing only
+        opt = torch.optim.AdamW(params, lr=1e-4, **({"fused": True} if bundle.device.type == "cuda" else {}))
         h, w = settings.image_size
         f = bundle.vae_scale_factor
         batch = int(settings.train_batch_size)
@@ -268,8 +277,12 @@ class JobTiming:
         return wall[WARMUP_STEPS - 1:], cpu[WARMUP_STEPS - 1:]
 
 
-def run_once(settings, host, device: torch.device) -> JobTiming:
-    """Run the job through the real runner and timestamp its events."""
+def run_once(settings, host, device: torch.device, on_pass_start: Callable[[], None] | None = None) -> JobTiming:
+    """Run the job through the real runner and timestamp its events.
+
+    Args:
+        on_pass_start: called when a pass starts (after caching), e.g. to reset CUDA peak-memory stats.
+    """
     from trainer.progress import CallbackSink, Events, Message, ProgressEvent, RunSummary
     from trainer.runner import run_job
 
@@ -284,6 +297,8 @@ def run_once(settings, host, device: torch.device) -> JobTiming:
             timing.marks.setdefault("first_step", now)
         elif isinstance(event, RunSummary):
             timing.marks.setdefault("pass_start", now)
+            if on_pass_start is not None:
+                on_pass_start()
         elif isinstance(event, Message):
             timing.messages.append(event.text)
             if event.text.startswith("Encoding "):
@@ -424,7 +439,18 @@ def main(argv: list[str] | None = None) -> int:
     """CLI entry (``python -m trainer bench``)."""
     tune_malloc()
     args = _parser().parse_args(argv)
-    figures = run_bench(args)
+    if args.suite:
+        from trainer.bench_suite import run_suite
+
+        threads = torch.get_num_threads()
+        if args.threads > 0:
+            torch.set_num_threads(args.threads)
+        try:
+            figures = run_suite(args)
+        finally:
+            torch.set_num_threads(threads)
+    else:
+        figures = run_bench(args)
     text = json.dumps(figures, indent=2)
     print(text)
     if args.json:

@@ -191,6 +191,59 @@ def test_stop_and_stop_and_save():
     assert result.status == "saved_stop" and saved == [4] and result.last_save == "file_4"
 
 
+def test_loss_is_read_once_per_step_after_the_optimizer_step(monkeypatch):
+    """The one host sync of a step comes after backward and the optimizer step are queued: a read between
+    forward and backward would make a GPU's queue run dry in the middle of every step."""
+    order = []
+    real_item = torch.Tensor.item
+
+    def item(self):
+        order.append("item")
+        return real_item(self)
+
+    monkeypatch.setattr(torch.Tensor, "item", item)
+    w = torch.nn.Parameter(torch.tensor([3.0]))
+    opt = _Opt([w])
+    opt.optimizer.register_step_post_hook(lambda *args: order.append("step"))
+
+    def loss_step(i):
+        loss = (w**2).sum()
+        loss.register_hook(lambda grad: order.append("backward"))
+        return loss
+
+    train_pass(loss_step, total_steps=3, optimizer=opt, schedule=_Sched(opt.optimizer),
+               precision=resolve_precision("fp32", "fp32", torch.device("cpu")), events=Events([]),
+               stop=lambda: None, save=lambda step: "")
+    assert order == ["backward", "step", "item"] * 3
+
+
+def test_nan_loss_stops_before_saving_the_step():
+    """A NaN at a save step (4 with save_every=2): the guard stops before that save, the earlier one is named."""
+    with pytest.raises(StopTraining, match="loss became nan at step 3; nothing was saved.*file_2"):
+        _loop(10, loss_value=math.nan, save_every=2)
+    saved = []
+    with pytest.raises(StopTraining, match=r"at step 4; nothing was saved for this step; lower train_learning_rate "
+                                           r"or use bf16/fp32; the last good save is file_2"):
+        _loop_saving(saved)
+    assert saved == [2]  # step 4's save never ran
+
+
+def _loop_saving(saved):
+    w = torch.nn.Parameter(torch.tensor([3.0]))
+    opt = _Opt([w])
+
+    def loss_step(i):
+        return w.sum() * (math.nan if i == 3 else 1.0)
+
+    def save(step):
+        saved.append(step)
+        return f"file_{step}"
+
+    train_pass(loss_step, total_steps=10, optimizer=opt, schedule=_Sched(opt.optimizer),
+               precision=resolve_precision("fp32", "fp32", torch.device("cpu")), events=Events([]),
+               stop=lambda: None, save=save, save_every=2)
+
+
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_save():
     with pytest.raises(StopTraining, match="loss became nan at step 3.*file_2"):
         _loop(10, loss_value=math.nan, save_every=2)

@@ -315,11 +315,6 @@ def train_pass(
         # forward under autocast; the mode decides what is predicted against what
         with precision.autocast():
             loss = loss_step(step - 1)
-        # one device sync per step: the value feeds the log, the plot and the NaN guard
-        value = float(loss.detach().float().item())
-        if not math.isfinite(value):
-            kept = f"; the last good save is {last_save}" if last_save else ""
-            raise StopTraining(f"loss became {value} at step {step}; lower train_learning_rate or use bf16/fp32{kept}")
         scaler.scale(loss).backward()
         if after_backward is not None:
             after_backward(params)
@@ -330,6 +325,14 @@ def train_pass(
         scaler.step(opt)
         scaler.update()
         opt.zero_grad(set_to_none=True)
+        # the step's one host sync, after its last kernel is queued (a read before backward would stall the
+        # GPU's queue mid-step): the value feeds the log, the plot and the NaN guard. A NaN step has already
+        # updated the in-memory adapters, so the guard stops before any save, preview or schedule step.
+        value = float(loss.detach().float().item())
+        if not math.isfinite(value):
+            kept = f"; the last good save is {last_save}" if last_save else ""
+            raise StopTraining(f"loss became {value} at step {step}; nothing was saved for this step; lower "
+                               f"train_learning_rate or use bf16/fp32{kept}")
         schedule.step(value)
         tracker.update(value)
         elapsed, eta = tracker.timing(step - start_step)
