@@ -159,3 +159,16 @@ def test_quantized_unet_refused(forge):
     with pytest.raises(TrainTrainError, match="Forge stores this U-Net"):
         with WebUIHost().acquire("", "", precision="fp16", v_pred=None):
             pass
+
+
+def test_preview_images_reach_the_gallery_on_a_fresh_neo(forge, tmp_path):
+    """Neo writes a tab's PIL images into opts.temp_dir (default <data>/tmp), which nothing creates: the
+    first preview update failed with FileNotFoundError. The host creates the folder when the tab is built."""
+    from modules import ui_tempdir
+
+    forge.opts.temp_dir = str(tmp_path / "tmp")
+    with pytest.raises(FileNotFoundError):
+        ui_tempdir.save_pil_to_file(Image.new("RGB", (8, 8)))
+    WebUIHost()  # what the tab builds first
+    saved = ui_tempdir.save_pil_to_file(Image.new("RGB", (8, 8)))
+    assert Image.open(saved).size == (8, 8)

@@ -151,6 +151,7 @@ class WebUIHost:
     def __init__(self, name: str | None = None) -> None:
         self.name = name or self._detect()
         self.notes: list[str] = []
+        _ensure_temp_dir()
 
     @staticmethod
     def _detect() -> str:
@@ -392,6 +393,22 @@ def _undo_merged_lora(sd_model: Any) -> None:
     left = sum(1 for m in sd_model.modules() if getattr(m, "network_current_names", ()))
     if left:
         raise TrainTrainError(f"{left} modules still hold a merged Lora; generate once without <lora:...> and retry")
+
+
+def _ensure_temp_dir() -> None:
+    """Create the Web-UI's ``temp_dir`` if it names a missing folder.
+
+    Forge Neo saves every unsaved PIL image a tab hands to Gradio (our preview gallery) into
+    ``opts.temp_dir`` (its ``modules/ui_tempdir.py``), creating the folder only when the option is empty;
+    Neo's default is ``<data>/tmp``, which nothing creates, so the first preview update failed with
+    FileNotFoundError on a fresh install (measured). A1111 and Forge default to "" (Gradio's own cache).
+    """
+    folder = getattr(getattr(_modules(), "opts", None), "temp_dir", "") or ""
+    if folder:
+        try:
+            Path(folder).mkdir(parents=True, exist_ok=True)
+        except OSError as err:  # a read-only location: the gallery fails as before, the tab still loads
+            log.warning("TrainTrain: cannot create the Web-UI's temp_dir %s: %s", folder, err)
 
 
 def _a1111_renderer(bundle: WebUIBundle) -> Any:

@@ -14,7 +14,7 @@ _a1111 = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_a1111)
 State = _a1111.State
 
-opts = SimpleNamespace(sd_model_checkpoint="", CLIP_stop_at_last_layers=1)
+opts = SimpleNamespace(sd_model_checkpoint="", CLIP_stop_at_last_layers=1, temp_dir="")
 cmd_opts = SimpleNamespace(lowvram=False, medvram=False, medvram_sdxl=False, lora_dir="")
 state = State()
 
@@ -38,6 +38,7 @@ def reset() -> None:
 
     sd_models.model_data.__init__()
     opts.sd_model_checkpoint = ""
+    opts.temp_dir = ""
     cmd_opts.lowvram = cmd_opts.medvram = cmd_opts.medvram_sdxl = False
     cmd_opts.lora_dir = ""
     state.reset()
