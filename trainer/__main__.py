@@ -99,6 +99,11 @@ def cmd_train(args: argparse.Namespace) -> int:
             result["data_parallel"] = dp.check_sync()
         if dp.is_main:
             print(result["message"])
+            if result.get("report"):
+                from trainer.report import Card
+
+                for line in Card(**result["report"]).lines():
+                    print(line)
             if args.result_json:
                 from trainer.paths import atomic_write_text
 
@@ -107,7 +112,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     finally:
         # the result is written before the ranks part: nothing is left to lose in the teardown
         dp.close(succeeded)
-    return 0
+    return 1 if result["status"] == "failed" else 0
 
 
 class _StopOnSignal:

@@ -315,8 +315,13 @@ FIELDS: tuple[Field, ...] = (
          "LoRA learns the prompt swap on that noise). Off: fresh noise every step, same cost, generalises better "
          "to other seeds.", modes=_ILECO, **_CH),
     _opt(3, "effect_check", bool, True,
-         "After training, measure how much the LoRA changes the model's prediction and report it (a tiny "
-         "number means it learned nothing).", **_CH),
+         "After training, the report card: efficacy (did it learn, on held-out noise), specificity (did "
+         "neighbour prompts stay put) and health (NaN, no change, exploded weights), with a verdict and the "
+         "setting to change. A NaN LoRA is not saved. Costs a few dozen forward passes.", **_CH),
+    _opt(3, "report_neighbours", str, "",
+         "Report card: prompts the LoRA should leave alone, one per line; their drift is reported relative "
+         "to the LoRA's own move. Empty = a small built-in set (plus, in LoRA mode, dataset captions without "
+         "the trigger word).", **_TA),
     # -- practitioners' controls (kohya names where kohya has the setting)
     _opt(1, "reg_data_directory", str, "",
          "Folder of regularization (class) images, kohya style: each epoch mixes one reg image per training "

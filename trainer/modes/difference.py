@@ -13,12 +13,12 @@ from pathlib import Path
 
 import torch
 
-from trainer.effect import measure_effect
 from trainer.errors import InputError, SettingsError
 from trainer.modes.common import NoiseControls, check_timestep_range, sample_timesteps, save_steps
 from trainer.modes.inputs import encode_prompt_pair, load_image_pair
 from trainer.modes.resume import read_state
 from trainer.modes.setup import ModeOutcome, RunContext, build_adapters, finish, run_pass, save_network
+from trainer.report import neighbour_prompts, run_probe
 
 
 def planned_suffixes(s) -> list[str]:
@@ -94,12 +94,14 @@ def run(ctx: RunContext) -> ModeOutcome:
                                        summary={"pass": "difference"}, extra=extra,
                                        resume=s.train_resume_state if resume_pass == 2 else "")
 
-            def probe() -> float:
-                return measure_effect(bundle, diff, cond, latent_hw=tuple(pair.target.shape[-2:]),
-                                      autocast=ctx.precision.autocast())
+            # measured without the copier: it is not in the file, and check measures the file alone
+            probe = run_probe(s2, "pair", size=tuple(pair.size_hw), prompt=s.original_prompt,
+                              images=[str(Path(s.original_image).resolve()), str(Path(s.target_image).resolve())],
+                              neighbours=neighbour_prompts(s.report_neighbours, exclude=(s.original_prompt,)))
 
             sidecar = {"activation_text": "", "preferred_weight": 1.0, "sd_version": bundle.family.name}
-            return finish(ctx, s2, diff, result, written, extra=extra, sidecar=sidecar, effect_probe=probe)
+            return finish(ctx, s2, diff, result, written, extra=extra, sidecar=sidecar, probe=probe,
+                          isolate=lambda: copier.scaled(0.0))
     finally:
         for network in reversed(networks):
             network.detach()
