@@ -30,12 +30,15 @@ def test_train_from_a_preset_writes_the_lora_and_the_result_json(tmp_path, capsy
     assert load_lora(result["lora_path"])[1]["ss_seed"] == "7"
     assert list((tmp_path / "logs").rglob("cli_lora-*.csv")) and list((tmp_path / "json").rglob("cli_lora-*.json"))
     check_json = tmp_path / "check.json"
-    assert main(["check", result["lora_path"], "--model", "tiny-sd1", "--size", "64", "--json", str(check_json)]) == 0
+    # three steps at 1e-4 learn nothing measurable: check says so (exit 1), as training did
+    assert "did not learn" in result["message"]
+    assert main(["check", result["lora_path"], "--model", "tiny-sd1", "--size", "64", "--json", str(check_json)]) == 1
     report = json.loads(check_json.read_text())
     assert report["family"] == "sd1" and report["unmatched"] == [] and report["matched"] == report["modules_in_file"]
     card = report["report"]
     assert card["kind"] == "images" and card["change"] > 0 and card["efficacy"] is not None and not card["failed"]
     assert card == {**result["report"], "seconds": card["seconds"]}  # training and check: the same card
+    assert report["warnings"] == [card["verdict"]] and not card["learned"]
 
 
 def test_bad_input_is_one_line_and_exit_code_2(tmp_path, capsys):

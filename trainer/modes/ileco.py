@@ -1,6 +1,6 @@
 """iLECO (instant LECO): make the model answer the Original prompt as the base model answers the Target.
 
-Each step draws timesteps and compares, on one fixed noise latent, the adapted U-Net's prediction
+Each step draws timesteps and compares, on a noise latent (fresh each step unless ``ileco_fixed_noise``), the adapted U-Net's prediction
 for the Original prompt with the un-adapted U-Net's prediction (adapters at multiplier 0, no
 gradients) for the Target prompt. An empty Target erases the concept; the Negative prompt is stored
 but not trained on. No images are needed.
@@ -42,8 +42,8 @@ def run(ctx: RunContext) -> ModeOutcome:
         bundle.offload("text_encoders")
     bundle.set_gradient_checkpointing(bool(s.use_gradient_checkpointing))
     gen, loss_fn = ctx.generator(1), ctx.loss_fn(s)
-    # by default one noise latent for the whole run, as the reference does: the LoRA learns the prompt
-    # swap on pure-noise inputs at every timestep, which is fast and needs no denoising loop
+    # pure-noise inputs at every timestep (no denoising loop); by default fresh noise each step: the
+    # reference's single fixed latent generalised worse on held-out noise (see the setting's help)
     channels = getattr(bundle, "latent_channels", 4)
     z = torch.randn((batch, channels, height // factor, width // factor), generator=gen, device=gen.device).to(bundle.device)
 
