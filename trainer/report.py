@@ -44,7 +44,7 @@ IDENTICAL = 1e-6  # relative output change below which weight 1 and weight 0 cou
 # below FLOOR the run did not learn; below WEAK it learned a little (efficacy in %). The pair modes'
 # floors are 0 (only a move the wrong way fails): their scale is not calibrated on real models yet
 FLOOR = {"prompt": 5.0, "pair": 0.0, "addift": 0.0, "images": 0.5}
-WEAK = {"prompt": 20.0, "pair": 20.0, "addift": 20.0, "images": 2.0}
+WEAK = {"prompt": 20.0, "pair": 20.0, "addift": 0.0, "images": 2.0}
 BLEED = 50.0  # neighbours moving more than this % of the target's move: the LoRA is not local
 VERSION = "1"
 

@@ -136,10 +136,12 @@ def _copier(ctx: RunContext, s, pair, cond, extra):
     if result.status != "done":
         return copier, ModeOutcome(result.status, Path(result.last_save) if result.last_save else None, result.steps,
                                    result.final_loss, list(ctx.files), None, list(ctx.notes))
-    copy_path = None
-    if s.diff_save_1st_pass or s.diff_1st_pass_only:
+    if s.diff_1st_pass_only:  # the copier is the result: it gets the card (a LoRA of the Original image)
+        probe = run_probe(s, "images", size=tuple(pair.size_hw), images=[str(Path(s.original_image).resolve())],
+                          captions=[s.original_prompt],
+                          neighbours=neighbour_prompts(s.report_neighbours, exclude=(s.original_prompt,)))
+        return copier, finish(ctx, s, copier, result, [], suffix="_copy", extra=extra, probe=probe)
+    if s.diff_save_1st_pass:
         copy_path = save_network(ctx, s, copier, ctx.out.path("_copy"), steps=result.steps, extra=extra)
         ctx.files.append((copy_path, None))
-    if s.diff_1st_pass_only:
-        return copier, ModeOutcome("done", copy_path, result.steps, result.final_loss, list(ctx.files), None, list(ctx.notes))
     return copier, None
