@@ -71,7 +71,8 @@ def test_a_nan_lora_is_flagged_and_not_written(trainer, monkeypatch):
     assert not list(trainer.lora_dir.rglob("erase.safetensors"))
 
 
-def test_check_flags_a_nan_file_from_elsewhere(tmp_path):
+@pytest.mark.parametrize("value", [float("nan"), 200.0])
+def test_check_flags_a_nan_or_exploded_file_from_elsewhere(tmp_path, value):
     from safetensors.torch import save_file
 
     from trainer.models.diffusers_runtime import load_bundle
@@ -80,12 +81,15 @@ def test_check_flags_a_nan_file_from_elsewhere(tmp_path):
     bundle = load_bundle("tiny-sd1", device="cpu")
     state = build_network(bundle, NetworkSpec("lierla", 4, 4)).kohya_state_dict(dtype=torch.float32)
     key = next(k for k in state if "lora_up" in k)
-    state[key] = torch.full_like(state[key], float("nan"))
-    path = tmp_path / "nan.safetensors"
+    state[key] = torch.full_like(state[key], value)  # one module blew up (200: a norm in the thousands)
+    path = tmp_path / "bad.safetensors"
     save_file(state, str(path), metadata={"ss_network_dim": "4"})
-    report = check_lora(path, bundle, size_px=64)
-    assert report["report"]["failed"] and not report["report"]["learned"]
-    assert any("NaN" in w for w in report["warnings"])
+    card = check_lora(path, bundle, size_px=64)["report"]
+    assert not card["learned"] and card["verdict"].startswith("broken")
+    if math.isnan(value):
+        assert card["failed"] and any("NaN" in h for h in card["health"])
+    else:
+        assert card["max_norm"] > 1e3 and any("exploded" in h for h in card["health"])
 
 
 def test_probe_timesteps_and_noise_are_fixed_and_held_out():
@@ -97,11 +101,17 @@ def test_probe_timesteps_and_noise_are_fixed_and_held_out():
     assert not torch.allclose(a, b) and math.isfinite(float(a.sum()))
 
 
-def test_the_tab_table_shows_the_verdict_and_the_numbers():
+def test_the_tab_table_under_the_finished_panel_shows_the_verdict_and_the_numbers():
+    from types import SimpleNamespace
+
+    from trainer.ui.panels import finished_html
     from trainer.ui.report_card import card_html
 
-    card = {"kind": "prompt", "efficacy": 47.25, "specificity": 4.0, "reverse": None, "neighbours": 3,
+    card = {"kind": "pair", "efficacy": 47.25, "specificity": 4.0, "reverse": 12.5, "neighbours": 3,
             "health": [], "learned": True, "verdict": "learned; neighbours moved 4% of the target's move"}
-    html = card_html(card)
-    assert "47.2%" in html or "47.3%" in html
-    assert "neighbours moved 4.0%" in html and "tt-report-ok" in html and card_html(None) == ""
+    record = SimpleNamespace(status="done", name="run", message="", result={"steps": 10, "seconds": 3.0, "report": card})
+    html = finished_html(record, {})
+    assert "tt-report-ok" in html and "neighbours moved 4.0%" in html and "+12.5% the other way" in html
+    assert ("47.2%" in html or "47.3%" in html) and "effect" not in html
+    assert card_html(None) == "" and "tt-report" not in finished_html(
+        SimpleNamespace(status="done", name="run", message="", result={"steps": 10, "seconds": 3.0}), {})

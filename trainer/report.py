@@ -185,7 +185,7 @@ def weight_health(state_dict: dict[str, torch.Tensor]) -> tuple[list[str], float
         if not bool(torch.isfinite(t).all()):
             bad.append(key)
             continue
-        if "up" in key or "down" in key or key.endswith((".w1", ".w2")):
+        if key.partition(".")[2] not in ("alpha", "dora_scale"):  # the factor tensors (up/down, LyCORIS w1/w2…)
             largest = max(largest, float(t.norm()))
     if bad:
         problems.append(f"NaN/inf in {len(bad)} weight tensor(s), e.g. {bad[0]}")
@@ -246,7 +246,10 @@ def verdict(card: Card, probe: Probe, identical: bool) -> tuple[bool, str]:
         what = "weight 1 changes nothing" if identical else f"efficacy {card.efficacy:.1f}%"
         return False, f"did not learn ({what}); {_cause(card, probe)}"
     words = "learned"
-    if card.efficacy is not None and card.efficacy < WEAK.get(card.kind, 0.0):
+    if card.efficacy is None:  # a file with no stored probe (another trainer): only the change is known
+        words = (f"changes the output by {100 * card.change:.1f}% (efficacy not measured: no TrainTrain probe "
+                 "in this file)")
+    elif card.efficacy < WEAK.get(card.kind, 0.0):
         words = f"learned weakly ({card.efficacy:.1f}%); {_cause(card, probe)}"
     if card.reverse is not None and card.reverse <= 0:
         words += "; weight −1 does not move the other way"
@@ -265,7 +268,8 @@ def _cause(card: Card, probe: Probe) -> str:
         now.append(f"train_learning_rate (now {probe.lr:g})")
     if probe.steps is not None:
         now.append(f"train_iterations (now {probe.steps})")
-    advice = "likely cause: too few steps or too low a learning rate; raise " + (" or ".join(now) or "them")
+    advice = "likely cause: too few steps or too low a learning rate"
+    advice += "; raise " + " or ".join(now) if now else " when it was trained"
     if card.kind == "prompt" and probe.fixed_noise:
         advice += ", or turn ileco_fixed_noise off (one noise latent does not carry over to other noise)"
     return advice
@@ -443,5 +447,8 @@ def measure_saved(ctx, network, probe: Probe, state_dict: dict[str, torch.Tensor
                   isolate: contextlib.AbstractContextManager | None = None) -> Card:
     """The card of a finished run, on the weights as they will be saved; ``isolate`` sets other networks
     aside (Difference's copier is not in the file, so ``check`` measures without it too)."""
+    # fp32 weights: measure in full precision, as check does, so both print the same numbers; only
+    # half-precision weights need the run's autocast
+    full = getattr(ctx.bundle, "dtype", None) == torch.float32
     with isolate or contextlib.nullcontext(), as_saved(network, state_dict):
-        return measure(ctx.bundle, network, probe, state_dict, autocast=ctx.precision.autocast())
+        return measure(ctx.bundle, network, probe, state_dict, autocast=None if full else ctx.precision.autocast())

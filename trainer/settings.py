@@ -318,7 +318,7 @@ FIELDS: tuple[Field, ...] = (
     _opt(3, "effect_check", bool, True,
          "After training, the report card: efficacy (did it learn, on held-out noise), specificity (did "
          "neighbour prompts stay put) and health (NaN, no change, exploded weights), with a verdict and the "
-         "setting to change. A NaN LoRA is not saved. Costs a few dozen forward passes.", **_CH),
+         "setting to change. A NaN LoRA is not saved. Costs a few dozen forward passes.", label="report card", **_CH),
     _opt(3, "report_neighbours", str, "",
          "Report card: prompts the LoRA should leave alone, one per line; their drift is reported relative "
          "to the LoRA's own move. Empty = a small built-in set (plus, in LoRA mode, dataset captions without "
