@@ -39,6 +39,11 @@ def test_train_from_a_preset_writes_the_lora_and_the_result_json(tmp_path, capsy
     assert card["kind"] == "images" and card["change"] > 0 and card["efficacy"] is not None and not card["failed"]
     assert card == {**result["report"], "seconds": card["seconds"]}  # training and check: the same card
     assert report["warnings"] == [card["verdict"]] and not card["learned"]
+    for image in data.glob("*.png"):  # the training images moved away: check still answers, without them
+        image.unlink()
+    main(["check", result["lora_path"], "--model", "tiny-sd1", "--size", "64", "--json", str(check_json)])
+    report = json.loads(check_json.read_text())
+    assert report["report"]["efficacy"] is None and "measured without the images" in report["warnings"][0]
 
 
 def test_bad_input_is_one_line_and_exit_code_2(tmp_path, capsys):

@@ -33,6 +33,7 @@ def check_lora(path: str | Path, bundle, *, size_px: int = 512, prompt: str = ""
     Returns:
         A JSON-ready report; ``report`` is the card, ``warnings`` holds anything the user must not miss.
     """
+    from trainer.errors import InputError
     from trainer.network import load_lora, network_from_file
     from trainer.report import measure
 
@@ -45,12 +46,17 @@ def check_lora(path: str | Path, bundle, *, size_px: int = 512, prompt: str = ""
     unmatched = sorted(m for m in file_modules if m not in matched and m not in aliases)
     algos = Counter(type(a).__name__ for a in getattr(network, "adapters", {}).values())
     probe = file_probe(metadata, size_px=size_px, prompt=prompt)
+    warnings = []
     network.attach()
     try:
-        card = measure(bundle, network, probe, state_dict)
+        try:
+            card = measure(bundle, network, probe, state_dict)
+        except InputError as err:  # the training images moved: health and drift still tell a lot
+            warnings.append(f"{err}; measured without the images (efficacy unknown)")
+            own = (probe.captions or [probe.prompt])[0]
+            card = measure(bundle, network, file_probe({}, size_px=size_px, prompt=prompt or own), state_dict)
     finally:
         network.detach()
-    warnings = []
     if unmatched:
         warnings.append(f"{len(unmatched)} module(s) in the file match nothing in this model: {', '.join(unmatched[:5])}")
     if not card.learned:

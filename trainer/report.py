@@ -358,8 +358,7 @@ def load_latents(bundle, paths: list[str], size: tuple[int, int]) -> torch.Tenso
                     img = img.crop((left, top, left + w, top + h))
                 pixels.append(np.asarray(img, dtype=np.float32))
         except OSError as err:
-            raise InputError(str(path), f"the report card cannot read this image ({err}); pass it again or "
-                             "turn effect_check off") from err
+            raise InputError(str(path), f"the report card cannot read this image ({err})") from err
     batch = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2) / 127.5 - 1.0
     gen = torch.Generator().manual_seed(REPORT_SEED)
     return bundle.encode_images(batch.to(bundle.device), generator=gen).float()
