@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 CORE = ["trainer.settings", "trainer.presets", "trainer.paths", "trainer.errors", "trainer.progress", "trainer.csvlog",
-        "trainer.jobs", "trainer.runner", "trainer.optim", "trainer.schedules", "trainer.effect", "trainer.vram",
+        "trainer.jobs", "trainer.runner", "trainer.optim", "trainer.schedules", "trainer.report", "trainer.vram",
         "trainer.network", "trainer.data", "trainer.modes.common", "trainer.modes.setup", "trainer.modes.resume",
         "trainer.modes.lora", "trainer.modes.ileco", "trainer.modes.difference", "trainer.modes.addift",
         "trainer.modes.multi_addift", "trainer.models.bundle", "trainer.models.names", "trainer.hosts.base",

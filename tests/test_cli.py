@@ -24,17 +24,29 @@ def test_train_from_a_preset_writes_the_lora_and_the_result_json(tmp_path, capsy
                  "--set", "save_as_json=true", "--result-json", str(result_path)])
     assert code == 0
     result = json.loads(result_path.read_text())
+    assert "report: " in capsys.readouterr().out  # the card's three lines follow the message
     assert {"status", "lora_path", "steps", "final_loss", "seconds", "seed"} <= result.keys()
     assert result["status"] == "done" and result["steps"] == 3 and result["seed"] == 7
     assert load_lora(result["lora_path"])[1]["ss_seed"] == "7"
     assert list((tmp_path / "logs").rglob("cli_lora-*.csv")) and list((tmp_path / "json").rglob("cli_lora-*.json"))
-    assert "Successfully created to" in capsys.readouterr().out
-
     check_json = tmp_path / "check.json"
-    assert main(["check", result["lora_path"], "--model", "tiny-sd1", "--size", "64", "--json", str(check_json)]) == 0
+    # three steps at 1e-4 learn nothing measurable: check says so (exit 1), as training did
+    assert "did not learn" in result["message"]
+    meta = load_lora(result["lora_path"])[1]
+    assert str(tmp_path) not in meta["traintrain_report_probe"]  # image names only: a shared file leaks no folders
+    assert main(["check", result["lora_path"], "--model", "tiny-sd1", "--size", "64", "--images", str(data.parent),
+                 "--json", str(check_json)]) == 1
     report = json.loads(check_json.read_text())
     assert report["family"] == "sd1" and report["unmatched"] == [] and report["matched"] == report["modules_in_file"]
-    assert report["effect"] > 0 and report["effect_negative"] > 0 and not report["warnings"]
+    card = report["report"]
+    assert card["kind"] == "images" and card["change"] > 0 and card["efficacy"] is not None and not card["failed"]
+    assert card == {**result["report"], "seconds": card["seconds"]}  # training and check: the same card
+    assert report["warnings"] == [card["verdict"]] and not card["learned"]
+    for image in data.glob("*.png"):  # the training images moved away: check still answers, without them
+        image.unlink()
+    main(["check", result["lora_path"], "--model", "tiny-sd1", "--size", "64", "--json", str(check_json)])
+    report = json.loads(check_json.read_text())
+    assert report["report"]["efficacy"] is None and "measured without the images" in report["warnings"][0]
 
 
 def test_bad_input_is_one_line_and_exit_code_2(tmp_path, capsys):

@@ -100,6 +100,11 @@ def cmd_train(args: argparse.Namespace) -> int:
             result["data_parallel"] = dp.check_sync()
         if dp.is_main:
             print(result["message"])
+            if result.get("report"):
+                from trainer.report import Card
+
+                for line in Card(**result["report"]).lines():
+                    print(line)
             if args.result_json:
                 from trainer.paths import atomic_write_text
 
@@ -108,6 +113,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     finally:
         # the result is written before the ranks part: nothing is left to lose in the teardown
         dp.close(succeeded)
+    if result["status"] == "failed":  # the report card found a broken LoRA: nothing was saved
+        return 1
     # a stopped run saved what it saves, but did not finish: scripts must see that (128 + SIGINT, as shells do)
     return EXIT_INTERRUPTED if result["status"] in ("stopped", "saved_stop") else 0
 

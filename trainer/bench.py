@@ -145,7 +145,7 @@ def _settings(args: argparse.Namespace, folder: Path):
         "image_size(height, width)": str(size), "image_buckets_step": max(size // 4, 8),
         "image_min_length": max(size // 2, 8), "train_iterations": args.steps, "train_batch_size": args.batch,
         "network_rank": args.rank, "network_alpha": args.rank, "train_seed": 0, "train_model_precision": args.precision,
-        "logging_save_csv": False, "effect_check": False, "train_lr_scheduler": "constant",
+        "logging_save_csv": False, "effect_check": True, "train_lr_scheduler": "constant",
         "use_gradient_checkpointing": bool(args.checkpointing), "train_optimizer": "AdamW",
         **_make_inputs(args.mode, folder, size, args.images),
     }
@@ -432,7 +432,22 @@ def _run_bench(args: argparse.Namespace) -> dict[str, Any]:
         "preview_seconds_per_image": round(_median(previews), 3) if previews else None,
         "preview_steps": args.preview_steps if previews else None, "preview_sampler": str(settings.sample_sampler),
     })
+    figures.update(_report_figures(runs, ours, args.mode))
     return figures
+
+
+def _report_figures(runs: list[JobTiming], step_s: float, mode: str) -> dict[str, Any]:
+    """The report card's seconds (median over the job runs) and its share of a default-length run of
+    this shape: ``report_card_s / (step_s_median · default train_iterations)`` (budget: under 5%)."""
+    from trainer.settings import FIELD_BY_KEY
+
+    seconds = [r.result["report"]["seconds"] for r in runs if r.result.get("report")]
+    if not seconds:
+        return {"report_card_s": None, "report_share_of_default_run": None}
+    card = _median(seconds)
+    default_steps = int(FIELD_BY_KEY["train_iterations"].default)
+    return {"report_card_s": round(card, 3), "report_default_steps": default_steps,
+            "report_share_of_default_run": round(card / (step_s * default_steps), 4)}
 
 
 def main(argv: list[str] | None = None) -> int:

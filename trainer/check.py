@@ -1,8 +1,9 @@
 """``python -m trainer check LORA.safetensors --model NAME|PATH [--json OUT]``.
 
 Reports what a LoRA file is (family, type, rank, metadata), how its keys map onto the model's modules
-(matched / unmatched), and its effect: the relative change of the U-Net output at multiplier 1 (and
-−1) against 0 on fixed inputs. A near-zero or NaN effect is flagged: "this LoRA changes nothing".
+(matched / unmatched), and its report card (trainer/report.py): efficacy, specificity and health,
+measured exactly as training measured them (the probe is stored in the file's metadata). A file from
+elsewhere gets the health and the neighbour drift around ``--prompt`` on a ``--size`` probe.
 """
 
 from __future__ import annotations
@@ -10,24 +11,37 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
-EFFECT_FLOOR = 1e-4
+
+def file_probe(metadata: dict[str, str], *, size_px: int, prompt: str, neighbours: str = "",
+               images_dir: str | Path | None = None):
+    """The file's stored probe, or a generic one (own prompt, built-in neighbours) for foreign files."""
+    from trainer.report import Probe, neighbour_prompts, probe_timesteps
+
+    if metadata.get("traintrain_report_probe"):
+        return Probe.from_json(metadata["traintrain_report_probe"], roots=(images_dir,) if images_dir else ())
+    own = prompt or metadata.get("traintrain_original_prompt", "")
+    return Probe("prompt", metadata.get("traintrain_mode", "unknown"), (size_px, size_px), probe_timesteps(0, 1000),
+                 prompt=own, neighbours=neighbour_prompts(neighbours, exclude=(own,)))
 
 
-def check_lora(path: str | Path, bundle, *, size_px: int = 512, prompt: str = "") -> dict[str, Any]:
-    """Inspect a LoRA file against a loaded model and measure its effect.
+def check_lora(path: str | Path, bundle, *, size_px: int = 512, prompt: str = "",
+               images_dir: str | Path | None = None) -> dict[str, Any]:
+    """Inspect a LoRA file against a loaded model and measure its report card.
+
+    Args:
+        images_dir: where the training images are (the file stores only their folder and file names);
+            also looked up in the working folder.
 
     Returns:
-        A JSON-ready report; ``warnings`` holds anything the user must not miss.
+        A JSON-ready report; ``report`` is the card, ``warnings`` holds anything the user must not miss.
     """
-    import torch
-
-    from trainer.effect import measure_effect
+    from trainer.errors import InputError
     from trainer.network import load_lora, network_from_file
+    from trainer.report import measure
 
     state_dict, metadata = load_lora(path)
     network = network_from_file(bundle, path, device=bundle.device)
@@ -37,21 +51,24 @@ def check_lora(path: str | Path, bundle, *, size_px: int = 512, prompt: str = ""
     aliases = {a for t in getattr(network, "targets", ()) for a in (t.kohya_name, *getattr(t, "aliases", ()))}
     unmatched = sorted(m for m in file_modules if m not in matched and m not in aliases)
     algos = Counter(type(a).__name__ for a in getattr(network, "adapters", {}).values())
-    side = max(size_px // bundle.vae_scale_factor, 8)
+    probe = file_probe(metadata, size_px=size_px, prompt=prompt, images_dir=images_dir)
+    warnings = []
     network.attach()
     try:
-        with torch.no_grad():
-            cond = bundle.encode_prompts([prompt or metadata.get("traintrain_original_prompt", "")])
-        effects = {m: measure_effect(bundle, network, cond, latent_hw=(side, side), multiplier=m) for m in (1.0, -1.0)}
+        try:
+            card = measure(bundle, network, probe, state_dict)
+        except InputError as err:  # the training images moved: health and drift still tell a lot
+            warnings.append(f"{err}; measured without the images (efficacy unknown); "
+                            "pass --images DIR (the folder that holds the training images' folder)")
+            own = (probe.captions or [probe.prompt])[0]
+            card = measure(bundle, network, file_probe({}, size_px=size_px, prompt=prompt or own), state_dict)
     finally:
         network.detach()
-    warnings = []
     if unmatched:
         warnings.append(f"{len(unmatched)} module(s) in the file match nothing in this model: {', '.join(unmatched[:5])}")
-    if not all(math.isfinite(e) for e in effects.values()):
-        warnings.append("the effect is NaN: this LoRA is broken")
-    elif max(effects.values()) < EFFECT_FLOOR:
-        warnings.append(f"this LoRA changes nothing (effect {effects[1.0]:.2g})")
+    if not card.learned:
+        warnings.append(card.verdict)
+    warnings.extend(h for h in card.health if h not in card.verdict)
     spec = network.spec
     return {
         "file": str(path),
@@ -67,8 +84,8 @@ def check_lora(path: str | Path, bundle, *, size_px: int = 512, prompt: str = ""
         "unmatched": unmatched,
         "algorithms": dict(algos),
         "load_report": None if report is None else {k: list(v) for k, v in dataclasses.asdict(report).items()},
-        "effect": effects[1.0],
-        "effect_negative": effects[-1.0],
+        "report": card.to_dict(),
+        "report_lines": card.lines(),
         "metadata": {k: v for k, v in metadata.items() if not k.startswith("ss_tag_frequency")},
         "warnings": warnings,
     }
@@ -79,8 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("lora")
     parser.add_argument("--model", required=True)
     parser.add_argument("--vae")
-    parser.add_argument("--size", type=int, default=512, help="probe size in pixels")
-    parser.add_argument("--prompt", default="")
+    parser.add_argument("--size", type=int, default=512, help="probe size in pixels (files without a stored probe)")
+    parser.add_argument("--prompt", default="", help="own prompt (files without a stored probe)")
+    parser.add_argument("--images", help="folder holding the training images (or their folder); default: here")
     parser.add_argument("--device")
     parser.add_argument("--json", help="write the report here")
     args = parser.parse_args(argv)
@@ -88,9 +106,11 @@ def main(argv: list[str] | None = None) -> int:
 
     host = StandaloneHost(device=args.device)
     with host.acquire(args.model, args.vae or "", precision="fp32", v_pred=None) as bundle:
-        result = check_lora(args.lora, bundle, size_px=args.size, prompt=args.prompt)
+        result = check_lora(args.lora, bundle, size_px=args.size, prompt=args.prompt, images_dir=args.images)
     text = json.dumps(result, indent=2, default=str)
     print(text)
+    for line in result["report_lines"]:
+        print(line)
     for warning in result["warnings"]:
         print(f"WARNING: {warning}")
     if args.json:

@@ -332,7 +332,7 @@ class Worker:
             return FAILED, f"Error: {type(err).__name__}: {err} (details in the console)", None
         finally:
             events.close()
-        status = {"done": DONE, "stopped": STOPPED, "saved_stop": STOPPED}.get(result.get("status", ""), DONE)
+        status = {"done": DONE, "stopped": STOPPED, "saved_stop": STOPPED, "failed": FAILED}.get(result.get("status", ""), DONE)
         return status, result.get("message", status), result
 
     def _mirror_to_host(self, event) -> None:

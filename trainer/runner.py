@@ -44,8 +44,9 @@ def run_job(
         rank, world_size, grad_sync: data-parallel context (``trainer.distributed``); defaults: one process.
 
     Returns:
-        ``{"status", "message", "lora_path", "steps", "final_loss", "seconds", "seed", "effect", ...}``;
-        ``status`` is ``done``, ``stopped`` or ``saved_stop``.
+        ``{"status", "message", "lora_path", "steps", "final_loss", "seconds", "seed", "report", ...}``;
+        ``status`` is ``done``, ``stopped``, ``saved_stop`` or ``failed`` (the report card found NaN/inf:
+        nothing was saved); ``report`` is the card (trainer/report.py) or None when it was not run.
 
     Raises:
         ValidationError: settings problems (nothing was loaded or written).
@@ -103,7 +104,7 @@ def run_job(
         "seconds": round(seconds, 3),
         "seed": seed,
         "mode": settings.mode,
-        "effect": outcome.effect,
+        "report": outcome.report,
         "files": [str(p) for p, _ in outcome.saved],
         "snapshot": str(snapshot) if snapshot else None,
         "resume_state": str(out.states[-1]) if out.states else None,
@@ -130,9 +131,12 @@ def _vram_watch(settings, bundle, events: Events):
 
 def _message(result: dict[str, Any]) -> str:
     path, status = result["lora_path"], result["status"]
-    effect = result.get("effect")
-    tail = f" ({result['steps']} steps, {result['seconds']:.1f} s"
-    tail += f", effect {effect:.3g})" if isinstance(effect, float) else ")"
+    card = result.get("report") or {}
+    tail = f" ({result['steps']} steps, {result['seconds']:.1f} s)"
+    if status == "failed":
+        return f"Failed, nothing saved: {card.get('verdict', 'the LoRA is broken')}{tail}"
+    if card and not card.get("learned"):
+        return f"Created {path}, but the report card says: {card.get('verdict', '')}{tail}"
     if status == "stopped":
         return "Stopped" + (f". Last saved to {path}" if path else "") + tail
     if status == "saved_stop":

@@ -367,13 +367,19 @@ FIELDS: tuple[Field, ...] = (
          **_CH),
     _opt(3, "save_sidecar_json", bool, True,
          "Write A1111's <name>.json card sidecar (activation text, preferred weight) next to the LoRA.", **_CH),
-    _opt(3, "ileco_fixed_noise", bool, True,
-         "iLECO: train on one noise latent drawn once for the whole run (the reference's behaviour: fast, and the "
-         "LoRA learns the prompt swap on that noise). Off: fresh noise every step, same cost, generalises better "
-         "to other seeds.", modes=_ILECO, **_CH),
+    _opt(3, "ileco_fixed_noise", bool, False,
+         "iLECO: train on one noise latent drawn once for the whole run (the reference's behaviour). Off "
+         "(default): fresh noise every step, same cost, and it carries over to noise it never saw: on held-out "
+         "noise (tiny SD1, red->blue, rank 8, lr 1e-3) fresh noise closed 93%/95% of the gap after 150/300 "
+         "steps, fixed noise 71%/74%.", modes=_ILECO, **_CH),
     _opt(3, "effect_check", bool, True,
-         "After training, measure how much the LoRA changes the model's prediction and report it (a tiny "
-         "number means it learned nothing).", **_CH),
+         "After training, the report card: efficacy (did it learn, on held-out noise), specificity (did "
+         "neighbour prompts stay put) and health (NaN, no change, exploded weights), with a verdict and the "
+         "setting to change. A NaN LoRA is not saved. Costs a few dozen forward passes.", label="report card", **_CH),
+    _opt(3, "report_neighbours", str, "",
+         "Report card: prompts the LoRA should leave alone, one per line; their drift is reported relative "
+         "to the LoRA's own move. Empty = a small built-in set (plus, in LoRA mode, dataset captions without "
+         "the trigger word).", **_TA),
     # -- practitioners' controls (kohya names where kohya has the setting)
     _opt(1, "reg_data_directory", str, "",
          "Folder of regularization (class) images, kohya style: each epoch mixes one reg image per training "

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 
-from trainer.effect import measure_effect
 from trainer.modes.common import NoiseControls, check_timestep_range
 from trainer.modes.inputs import check_diff_mask, encode_prompt_pair, load_image_pair
 from trainer.modes.setup import ModeOutcome, RunContext, build_adapters, finish, run_pass
+from trainer.report import neighbour_prompts, run_probe
 
 TRAIN_MULTIPLIER = 0.25
 
@@ -74,6 +74,15 @@ def addift_loss(ctx: RunContext, s, network, draw: Callable[[int], tuple]) -> Ca
     return loss_step
 
 
+def addift_probe(s, images: list[str], original: str, target: str, size: tuple[int, int]):
+    """The report card's inputs: the pair (swapped like training when reverted), the LoRA branch's prompt
+    and the frozen branch's prompt; efficacy is per the trained multiplier."""
+    if s.diff_revert_original_target:
+        images, original, target = images[::-1], target, original
+    return run_probe(s, "addift", size=size, images=images, prompt=target, target=original, scale=TRAIN_MULTIPLIER,
+                     neighbours=neighbour_prompts(s.report_neighbours, exclude=(original, target)))
+
+
 def run(ctx: RunContext) -> ModeOutcome:
     s, bundle = ctx.settings, ctx.bundle
     batch = int(s.train_batch_size)
@@ -90,8 +99,8 @@ def run(ctx: RunContext) -> ModeOutcome:
     c_o, c_t, mask = c_o.repeat(batch), c_t.repeat(batch), pair.diff_mask.expand(batch, -1, -1, -1)
     loss_step = addift_loss(ctx, s, network, lambda step: (x_o, x_t, c_o, c_t, mask))
 
-    def probe() -> float:
-        return measure_effect(bundle, network, c_t, latent_hw=tuple(pair.original.shape[-2:]), autocast=ctx.precision.autocast())
+    images = [str(Path(s.original_image).resolve()), str(Path(s.target_image).resolve())]
+    probe = addift_probe(s, images, s.original_prompt, s.target_prompt, tuple(pair.size_hw))
 
     extra = {"traintrain_original_image": Path(s.original_image).name, "traintrain_target_image": Path(s.target_image).name,
              "traintrain_original_prompt": s.original_prompt, "traintrain_target_prompt": s.target_prompt,
@@ -101,7 +110,7 @@ def run(ctx: RunContext) -> ModeOutcome:
     sidecar = {"activation_text": s.lora_trigger_word, "preferred_weight": 1.0, "sd_version": bundle.family.name}
     try:
         result, written = run_pass(ctx, s, network, loss_step, summary={"pair": "x".join(map(str, pair.size_hw))}, extra=extra)
-        return finish(ctx, s, network, result, written, extra=extra, sidecar=sidecar, effect_probe=probe)
+        return finish(ctx, s, network, result, written, extra=extra, sidecar=sidecar, probe=probe)
     finally:
         network.detach()
         bundle.set_gradient_checkpointing(False)

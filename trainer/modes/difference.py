@@ -13,12 +13,12 @@ from pathlib import Path
 
 import torch
 
-from trainer.effect import measure_effect
 from trainer.errors import InputError, SettingsError
 from trainer.modes.common import NoiseControls, check_timestep_range, sample_timesteps, save_steps
 from trainer.modes.inputs import encode_prompt_pair, load_image_pair
 from trainer.modes.resume import read_state
 from trainer.modes.setup import ModeOutcome, RunContext, build_adapters, finish, run_pass, save_network
+from trainer.report import neighbour_prompts, run_probe
 
 
 def planned_suffixes(s) -> list[str]:
@@ -97,12 +97,14 @@ def run(ctx: RunContext) -> ModeOutcome:
                                        summary={"pass": "difference"}, extra=extra,
                                        resume=s.train_resume_state if resume_pass == 2 else "")
 
-            def probe() -> float:
-                return measure_effect(bundle, diff, cond, latent_hw=tuple(pair.target.shape[-2:]),
-                                      autocast=ctx2.precision.autocast())
+            # measured without the copier: it is not in the file, and check measures the file alone
+            probe = run_probe(s2, "pair", size=tuple(pair.size_hw), prompt=s.original_prompt,
+                              images=[str(Path(s.original_image).resolve()), str(Path(s.target_image).resolve())],
+                              neighbours=neighbour_prompts(s.report_neighbours, exclude=(s.original_prompt,)))
 
             sidecar = {"activation_text": "", "preferred_weight": 1.0, "sd_version": bundle.family.name}
-            return finish(ctx2, s2, diff, result, written, extra=extra, sidecar=sidecar, effect_probe=probe)
+            return finish(ctx2, s2, diff, result, written, extra=extra, sidecar=sidecar, probe=probe,
+                          isolate=lambda: copier.scaled(0.0))
     finally:
         for network in reversed(networks):
             network.detach()
@@ -148,10 +150,12 @@ def _copier(ctx: RunContext, s, pair, cond, extra):
     if result.status != "done":
         return copier, ModeOutcome(result.status, Path(result.last_save) if result.last_save else None, result.steps,
                                    result.final_loss, list(ctx.files), None, list(ctx.notes))
-    copy_path = None
-    if s.diff_save_1st_pass or s.diff_1st_pass_only:
+    if s.diff_1st_pass_only:  # the copier is the result: it gets the card (a LoRA of the Original image)
+        probe = run_probe(s, "images", size=tuple(pair.size_hw), images=[str(Path(s.original_image).resolve())],
+                          captions=[s.original_prompt],
+                          neighbours=neighbour_prompts(s.report_neighbours, exclude=(s.original_prompt,)))
+        return copier, finish(ctx, s, copier, result, [], suffix="_copy", extra=extra, probe=probe)
+    if s.diff_save_1st_pass:
         copy_path = save_network(ctx, s, copier, ctx.out.path("_copy"), steps=result.steps, extra=extra)
         ctx.files.append((copy_path, None))
-    if s.diff_1st_pass_only:
-        return copier, ModeOutcome("done", copy_path, result.steps, result.final_loss, list(ctx.files), None, list(ctx.notes))
     return copier, None

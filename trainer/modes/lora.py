@@ -13,7 +13,6 @@ import json
 import torch
 
 from trainer.data import BucketBatcher, CaptionAugment
-from trainer.effect import measure_effect
 from trainer.modes.common import NoiseControls, sample_timesteps, save_steps
 from trainer.modes.dataset import dataset_metadata, plan_lora_data, plan_steps
 from trainer.modes.setup import (
@@ -27,6 +26,7 @@ from trainer.modes.setup import (
     train_text_encoder,
 )
 from trainer.paths import folder_name
+from trainer.report import MAX_IMAGES, caption_neighbours, neighbour_prompts, run_probe
 
 
 def planned_suffixes(s) -> list[str]:
@@ -49,6 +49,16 @@ def caption_augment(ctx: RunContext, s, captions: list[str]) -> CaptionAugment:
         ctx.note(f"keep_tokens: {short} caption(s) have no more than {augment.keep_tokens} tag(s) after the trigger "
                  f"word (e.g. '{example}'), so nothing in them is shuffled or dropped; lower keep_tokens")
     return augment
+
+
+def lora_probe(s, plan):
+    """The report card's inputs: the first training images (not reg), their captions, and as neighbours
+    the built-in set plus captions without the trigger word."""
+    own = list({x.path: x for x in plan.samples if not x.is_reg and not x.is_sub and not x.mirrored}.values())[:MAX_IMAGES]
+    captions = [x.caption for x in own]
+    extra = caption_neighbours([x.caption for x in plan.samples], str(s.lora_trigger_word))
+    return run_probe(s, "images", images=[str(x.path.resolve()) for x in own], captions=captions,
+                     neighbours=neighbour_prompts(s.report_neighbours, exclude=tuple(captions), extra=extra))
 
 
 def run(ctx: RunContext) -> ModeOutcome:
@@ -84,13 +94,7 @@ def run(ctx: RunContext) -> ModeOutcome:
         weights = torch.where(batch.is_reg, prior, 1.0) if reg else None
         return loss_fn(pred, target, t, batch.masks if masked else None, weights)
 
-    def probe() -> float:
-        first = data.buckets[0]
-        with torch.no_grad():
-            cond = (encode.cached.lookup(first.captions[:1]) if encode.cached is not None
-                    else bundle.encode_prompts(first.captions[:1]))
-        return measure_effect(bundle, network, cond, latent_hw=tuple(first.latents.shape[-2:]),
-                              autocast=ctx.precision.autocast())
+    probe = lora_probe(s, plan)
 
     counts = {f"{w}x{h}": n for (w, h), n in data.counts().items()}
     train_count = sum(1 for x in plan.samples if not x.is_reg)
@@ -104,7 +108,7 @@ def run(ctx: RunContext) -> ModeOutcome:
     try:
         result, written = run_pass(ctx, s, network, loss_step, epoch=lambda: batcher.current_epoch, summary=summary,
                                    extra=extra, steps_per_epoch=batcher.steps_per_epoch)
-        return finish(ctx, s, network, result, written, extra=extra, sidecar=sidecar, effect_probe=probe)
+        return finish(ctx, s, network, result, written, extra=extra, sidecar=sidecar, probe=probe)
     finally:
         network.detach()
         bundle.set_gradient_checkpointing(False)

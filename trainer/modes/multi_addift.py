@@ -9,11 +9,8 @@ from __future__ import annotations
 
 import json
 
-import torch
-
 from trainer.data import BucketBatcher, tag_frequency
-from trainer.effect import measure_effect
-from trainer.modes.addift import addift_loss
+from trainer.modes.addift import addift_loss, addift_probe
 from trainer.modes.dataset import dataset_metadata, plan_pair_data, plan_steps
 from trainer.modes.inputs import empty_mask_error
 from trainer.modes.lora import caption_augment
@@ -75,13 +72,10 @@ def run(ctx: RunContext) -> ModeOutcome:
         return (batch.orig_latents, batch.targ_latents, encode(batch.orig_captions, step).with_size(size),
                 encode(batch.targ_captions, step).with_size(size), batch.masks)
 
-    def probe() -> float:
-        first = data.buckets[0]
-        with torch.no_grad():
-            cond = (encode.cached.lookup(first.targ_captions[:1]) if encode.cached is not None
-                    else bundle.encode_prompts(first.targ_captions[:1]))
-        return measure_effect(bundle, network, cond, latent_hw=tuple(first.orig_latents.shape[-2:]),
-                              autocast=ctx.precision.autocast())
+    first = plan.pairs[0]  # the card measures the first pair, at its bucket's size
+    bucket_w, bucket_h = first.orig.bucket
+    probe = addift_probe(s, [str(first.orig.path.resolve()), str(first.targ.path.resolve())], first.orig.caption,
+                         first.targ.caption, (int(bucket_h), int(bucket_w)))
 
     counts = {f"{w}x{h}": n for (w, h), n in data.counts().items()}
     extra = {"traintrain_data": folder_name(s.lora_data_directory), "traintrain_diff_target_name": s.diff_target_name,
@@ -93,7 +87,7 @@ def run(ctx: RunContext) -> ModeOutcome:
         result, written = run_pass(ctx, s, network, addift_loss(ctx, s, network, draw), epoch=lambda: batcher.current_epoch,
                                    summary={"pairs": len(plan.pairs), "buckets": counts}, extra=extra,
                                    steps_per_epoch=batcher.steps_per_epoch)
-        return finish(ctx, s, network, result, written, extra=extra, sidecar=sidecar, effect_probe=probe)
+        return finish(ctx, s, network, result, written, extra=extra, sidecar=sidecar, probe=probe)
     finally:
         network.detach()
         bundle.set_gradient_checkpointing(False)

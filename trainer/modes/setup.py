@@ -31,6 +31,7 @@ from trainer.modes.common import (
 from trainer.modes.resume import load_state, restore_state, save_state, state_path
 from trainer.paths import inside
 from trainer.progress import Events, RunSummary
+from trainer.report import Probe, measure_saved
 
 
 @dataclass(frozen=True)
@@ -176,7 +177,7 @@ class ModeOutcome:
     steps: int
     final_loss: float | None
     saved: list[tuple[Path, dict[str, Any] | None]] = field(default_factory=list)
-    effect: float | None = None
+    report: dict[str, Any] | None = None
     notes: list[str] = field(default_factory=list)
 
 
@@ -283,12 +284,16 @@ def make_metadata(ctx: RunContext, s, network, *, suffix: str, steps: int, extra
     return metadata
 
 
-def save_network(ctx: RunContext, s, network, path: Path, *, steps: int, extra: dict[str, Any]) -> Path:
+def save_network(ctx: RunContext, s, network, path: Path, *, steps: int, extra: dict[str, Any],
+                 state: dict[str, torch.Tensor] | None = None) -> Path:
     """Write ``network`` to ``path`` (atomic, finite-checked) with metadata; adapters in eval for saving.
 
     Without ``save_overwrite`` the name is claimed when the file is written, not only when the job
     started: if another run wrote a file of that name meanwhile, this one goes to the next free
     ``<name>_N`` (said in a note), so neither finished LoRA is lost.
+
+    Args:
+        state: the tensors already made for the report card (the same ones); None makes them here.
 
     Returns:
         The path actually written.
@@ -297,7 +302,8 @@ def save_network(ctx: RunContext, s, network, path: Path, *, steps: int, extra: 
 
     if not ctx.is_main:  # data parallel: every rank holds the same adapters, rank 0 writes them
         return path
-    state = network.kohya_state_dict(dtype=save_dtype(s.save_precision), strength=float(s.network_strength))
+    if state is None:
+        state = network.kohya_state_dict(dtype=save_dtype(s.save_precision), strength=float(s.network_strength))
     wanted, base = path, path.stem[len(ctx.out.name):]
     while True:
         metadata = make_metadata(ctx, s, network, suffix=path.stem[len(ctx.out.name):], steps=steps, extra=extra)
@@ -428,21 +434,33 @@ def _csv_header(ctx: RunContext, s) -> dict[str, str]:
 
 def finish(ctx: RunContext, s, network, result: PassResult, written: list[Path], *, suffix: str = "",
            extra: dict[str, Any] | None = None, sidecar: dict[str, Any] | None = None,
-           effect_probe: Callable[[], float] | None = None) -> ModeOutcome:
-    """Final save (when the pass completed) with the effect check; collects every file written."""
+           probe: Probe | None = None, isolate: Callable[[], Any] | None = None) -> ModeOutcome:
+    """Final save (when the pass completed) with the report card (trainer/report.py); collects every file.
+
+    A card that finds NaN/inf leaves the file unwritten and the outcome ``failed``: a broken LoRA is
+    never handed over as a success.
+    """
     extra = dict(extra or {})
     saved = list(ctx.files) + [(p, None) for p in written]
-    effect = None
+    card = None
+    status = result.status
     final = Path(result.last_save) if result.last_save else None
     if result.status == "done":
-        if effect_probe is not None and getattr(s, "effect_check", True):
-            effect = effect_probe()
-            extra["traintrain_effect"] = f"{effect:.6g}"
-            if not effect == effect or effect < 1e-4:
-                ctx.note(f"this LoRA changes nothing (effect {effect:.3g}); raise train_learning_rate or train_iterations")
-        final = save_network(ctx, s, network, ctx.out.path(suffix), steps=result.steps, extra=extra)
-        saved.append((final, sidecar))
-    return ModeOutcome(result.status, final, result.steps, result.final_loss, saved, effect, list(ctx.notes))
+        state = network.kohya_state_dict(dtype=save_dtype(s.save_precision), strength=float(s.network_strength))
+        if probe is not None and getattr(s, "effect_check", True):
+            card = measure_saved(ctx, network, probe, state, isolate() if isolate else None)
+            extra.update(card.metadata())
+            extra["traintrain_report_probe"] = probe.to_json()
+            if not card.learned:
+                ctx.note(card.verdict)
+        if card is not None and card.failed:
+            status, final = "failed", None
+            ctx.events.warning(f"not saved: {card.verdict}")
+        else:
+            final = save_network(ctx, s, network, ctx.out.path(suffix), steps=result.steps, extra=extra, state=state)
+            saved.append((final, sidecar))
+    return ModeOutcome(status, final, result.steps, result.final_loss, saved,
+                       None if card is None else card.to_dict(), list(ctx.notes))
 
 
 # -- data ----------------------------------------------------------------------------------------

@@ -71,7 +71,9 @@ def progress_html(progress: Any, busy: bool, queued: int, note: str = "") -> str
 
 
 def finished_html(record: Any, last_row: dict[str, float], queued: int = 0) -> str:
-    """The panel after a run: outcome, steps, final loss/EMA, time, effect and the file written."""
+    """The panel after a run: outcome, steps, final loss/EMA, time, the file written and the report card."""
+    from trainer.ui.report_card import card_html
+
     result = record.result or {}
     steps = result.get("steps")
     done = record.status == "done"
@@ -83,18 +85,16 @@ def finished_html(record: Any, last_row: dict[str, float], queued: int = 0) -> s
         text = f"step {steps} / {steps}" if done else f"step {steps}"
         bar = (f'<div class="tt-bar"><div class="tt-bar-fill" style="width:{100 if done else 0}%"></div>'
                f'<span class="tt-bar-text" id="tt_step_text">{text}</span></div>')
-    effect = result.get("effect")
     cells = "".join((
         _cell("loss", _num(last_row.get("loss"))), _cell("loss EMA", _num(last_row.get("loss_ema"))),
         _cell("time", format_seconds(result.get("seconds"))),
-        _cell("effect", _num(effect) if isinstance(effect, (int, float)) else "–"),
     ))
     path = result.get("lora_path")
     file_html = f'<div class="tt-note">{html.escape(str(path))}</div>' if path else ""
     error = "" if result else f'<div class="tt-note">{html.escape(record.message or "")}</div>'
     return (f'<div class="tt-progress tt-finished tt-{html.escape(record.status)}"><div class="tt-progress-title">'
             f'{state} <b>{html.escape(record.name)}</b>{waiting}</div>{bar}<div class="tt-stats">{cells}</div>'
-            f'{file_html}{error}</div>')
+            f'{file_html}{error}{card_html(result.get("report"))}</div>')
 
 
 def result_line(record: Any) -> str:
