@@ -6,7 +6,7 @@ import contextlib
 
 import torch
 
-from trainer.models.bundle import Cond
+from trainer.models.bundle import Cond  # noqa: F401  (type of ``cond``)
 
 
 @torch.no_grad()
@@ -37,7 +37,7 @@ def measure_effect(
     channels = getattr(bundle, "latent_channels", 4)
     x = torch.randn((1, channels, *latent_hw), generator=gen, device=bundle.device)
     t = torch.full((1,), timestep, device=bundle.device, dtype=torch.long)
-    cond = Cond(cond.context[:1], None if cond.pooled is None else cond.pooled[:1])
+    cond = cond.select([0])
     with autocast or contextlib.nullcontext():
         with network.scaled(0.0):
             base = bundle.predict(x, t, cond).float()

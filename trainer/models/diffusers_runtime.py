@@ -280,6 +280,14 @@ def _load(model: str, vae: str | None, *, device: torch.device | str | None, dty
     if dtype == torch.int8:
         _quantise_int8_available()
     load_dtype = torch.bfloat16 if dtype == torch.int8 else dtype
+    from trainer.models.tiny_dit import TINY_DIT_NAMES, build_tiny_dit
+
+    if model in TINY_DIT_NAMES:
+        from trainer.models.dit import DiTBundle
+
+        if vae:
+            raise InputError(vae, f"{model} is a built-in model with its own VAE; leave the vae field empty")
+        return DiTBundle(build_tiny_dit(model), device=target, dtype=load_dtype)  # type: ignore[return-value]
     if model in BUILTIN_NAMES:
         parts = build_builtin(model, device=target, dtype=load_dtype)
     elif os.path.isdir(model):
