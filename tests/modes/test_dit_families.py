@@ -191,3 +191,26 @@ def test_flow_refuses_noise_offset(trainer, image_folder):
     with pytest.raises(SettingsError, match="noise_offset"):
         trainer.run(mode="LoRA", model="tiny-zimage", save_lora_name="n", train_iterations=2,
                     lora_data_directory=str(image_folder), noise_offset=0.05)
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_slider_previews_use_the_flow_sampler(trainer, model, monkeypatch):
+    import trainer.sampling.render as render
+
+    calls = []
+    original = render.sample_flow
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs["shift"](torch.tensor([0.5], dtype=torch.float64)).item())
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(render, "sample_flow", spy)
+    result = trainer.run(mode="iLECO", model=model, save_lora_name="pv", train_iterations=2, train_batch_size=1,
+                         train_snr_gamma=0, sample_every_n_steps=2, sample_prompts="a cat --s 2",
+                         **{"original prompt": "a cat", "target prompt": "a dog"})
+    events = result["history"].previews
+    assert [len(e.multipliers) for e in events] == [3]  # the −1/0/+1 strip
+    from PIL import Image
+
+    assert Image.open(events[0].path).size == (64 * 3, 64)
+    assert calls == [pytest.approx(0.75)] * 3  # shift 3 from the family's scheduler config, one run per strength
