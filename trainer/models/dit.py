@@ -1,7 +1,7 @@
 """The flow-matching DiT families (Z-Image, Anima) as a ``ModelBundle``: ``DiTBundle``.
 
-One bundle serves both families; what differs lives in a :class:`DiTSpec` (how prompts become context,
-how the transformer is called, how latents are scaled). Everything else a mode sees is the same as for
+One bundle serves both families; what differs is one branch each in ``encode_prompts`` (how prompts become
+context) and ``predict`` (how the transformer is called), and the VAE config (how latents are scaled). Everything else a mode sees is the same as for
 SD: ``encode_prompts`` → ``Cond`` (with a token mask), ``predict(noisy, t, cond)`` and the objective,
 which is rectified flow here (``bundle.flow``): ``predict`` returns the velocity ε − x₀ for float σ
 timesteps (integer timesteps, as the effect check passes, are read as 0..999 of a 1000-step grid).
