@@ -27,7 +27,7 @@ from trainer.models.dit import DiTParts
 
 NEXT_RELEASE = "flow-matching DiTs other than Z-Image and Anima come in the next release"
 # pipeline class name markers of flow DiTs we name and refuse (ZImage and Anima are handled first)
-_NEXT_PIPELINES = (("Flux", "a Flux.1 model"), ("Chroma", "a Chroma model"), ("QwenImage", "a Qwen-Image model"),
+_NEXT_PIPELINES = (("Flux", "a Flux model"), ("Chroma", "a Chroma model"), ("QwenImage", "a Qwen-Image model"),
                    ("Lumina", "a Lumina 2 model"), ("HunyuanImage", "a HunyuanImage model"), ("Sana", "a Sana model"))
 TURBO_NOTE = ("Z-Image-Turbo is step-distilled: a LoRA trained on it directly wears the distillation away (blurry, "
               "washed-out samples after a few hundred steps); keep runs short with a low learning rate, or train on "
@@ -53,7 +53,7 @@ def refuse_next_release(path: str, index: Mapping[str, Any]) -> None:
     name = str(index.get("_class_name", ""))
     for marker, what in _NEXT_PIPELINES:
         if marker in name:
-            raise InputError(path, f"is {what} ({name}); {NEXT_RELEASE}")
+            raise InputError(path, f"is {what} ({name}), which is not supported yet; {NEXT_RELEASE}")
 
 
 def refuse_dit_file(path: str, state: Mapping[str, Any]) -> None:
