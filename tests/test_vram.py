@@ -160,3 +160,15 @@ def test_the_runner_logs_one_estimate_line(tmp_path):
     lines = [m for m in messages if m.startswith("Estimated VRAM ")]
     assert len(lines) == 1 and "activations" in lines[0]
     assert len(events.sinks) == 1  # no spill watch on the CPU, nothing left behind
+
+
+def test_the_flow_dits_have_their_own_figures():
+    """Z-Image (6.2 B) in bf16 at 1024 px needs checkpointing on a 24 GB card; Anima (2 B) fits 12 GB with it."""
+    dit = dict(train_model_precision="bf16", **{"image_size(height, width)": "1024"})
+    zimage, anima = ModelFacts("ZIMAGE", 6_154_908_736, 0), ModelFacts("ANIMA", 1_958_569_472, 0)
+    z_ckpt = estimate_vram(_settings(use_gradient_checkpointing=True, **dit), zimage)
+    z_full = estimate_vram(_settings(**dit), zimage)
+    a_ckpt = estimate_vram(_settings(use_gradient_checkpointing=True, **dit), anima)
+    assert not z_ckpt.notes and not a_ckpt.notes  # no SD1 fallback
+    assert 12.0 < z_ckpt.total_gb < 24.0 < z_full.total_gb
+    assert a_ckpt.total_gb < 12.0

@@ -37,7 +37,17 @@ ACTIVATION_CALIBRATION: dict[str, dict[str, Any]] = {
     "SD1": {"full": (8_000_592, 446_911), "ckpt": (842_976, 172_744), "unet_params": 859_520_964},
     "SD2": {"full": (8_000_592, 446_911), "ckpt": (842_976, 172_744), "unet_params": 865_910_724},
     "SDXL": {"full": (228_225_664, 1_213_375), "ckpt": (100_135_040, 442_417), "unet_params": 2_567_463_684},
+    # Flow DiTs: not measured (the U-Net probe does not apply and no GPU was at hand), counted from the
+    # block structure with SDPA: per token and block a pre-norm block keeps ≈ 10·d + 4·h elements (Z-Image:
+    # d 3840, SwiGLU h 10240, 30 layers + 4 refiners) or ≈ 16·d + 2·h (Anima/Cosmos: d 2048, h 8192, 28
+    # blocks, + cross-attention); 4 latent pixels per token (2×2 patches); Z-Image's caption tokens (≤ 512)
+    # are the fixed part. Checkpointing keeps each block's input (d per token) plus one block.
+    "ZIMAGE": {"full": (512 * 10_792_960, 2_698_240), "ckpt": (512 * 1_063_680, 265_920), "unet_params": 6_154_908_736},
+    "ANIMA": {"full": (0, 1_376_256), "ckpt": (0, 106_496), "unet_params": 1_958_569_472},
 }
+# trainable parameters per unit of rank where the U-Net rule (0.2 M·r for SD1.5) does not fit: the DiTs'
+# attention + MLP linears (Z-Image 34 blocks × r·(8d + 3(d + h)); Anima 28 × r·(self 8d + cross + MLP 2(d + h)))
+PER_RANK = {"ZIMAGE": 2_480_640, "ANIMA": 1_433_600}
 
 OPTIMIZER_SLOTS = {"adamw": 2.0, "adam": 2.0, "adamw8bit": 0.5, "adam8bit": 0.5, "pagedadamw8bit": 0.5,
                    "lion": 1.0, "lion8bit": 0.25, "pagedlion8bit": 0.25, "sgdnesterov": 1.0, "sgdnesterov8bit": 0.25,
@@ -85,6 +95,8 @@ def facts_from_bundle(bundle: Any, adapter_params: int = 0) -> ModelFacts:
 def adapter_param_count(unet_params: int, rank: int, family: str) -> int:
     """A LoRA's size without building it: kohya SD1.5 rank r on attention+conv ≈ 0.2 M·r (SDXL ≈ 0.7 M·r),
     scaled by the U-Net's size for other models."""
+    if family in PER_RANK:
+        return PER_RANK[family] * rank
     ref = ACTIVATION_CALIBRATION.get(family, ACTIVATION_CALIBRATION["SD1"])
     per_rank = (700_000 if family == "SDXL" else 200_000) * (unet_params / ref["unet_params"]) ** 0.5
     return int(per_rank * rank)

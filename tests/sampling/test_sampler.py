@@ -135,3 +135,28 @@ def test_isolated_restores_rng_and_module_flags():
         net.train()
     assert torch.equal(torch.randn(3), expected_torch) and random.random() == expected_py
     assert net.training and net[0].training and not net[1].training
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+def test_flow_euler_reaches_the_oracle_target_with_the_family_shift(shift):
+    """The ideal velocity of a point mass at x₀ is (x − x₀)/σ; Euler on it lands on x₀ exactly, and with
+    guidance 3 between two targets it lands on the extrapolation uncond + 3·(cond − uncond)."""
+    from trainer.modes.objective import FlowSchedule
+    from trainer.sampling.sampler import flow_sigmas, sample_flow
+
+    targets = [torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(i))[0] for i in range(2)]
+
+    def predict(x, t, cond):
+        x0 = torch.stack([targets[int(c)] for c in cond.context[:, 0, 0]]).double()
+        return ((x.double() - x0) / t.double().view(-1, 1, 1, 1)).float()
+
+    sched = FlowSchedule(shift=shift)
+    noise = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(9))
+    out = sample_flow(predict, _cond(1), None, noise=noise, steps=6, cfg_scale=1.0, shift=lambda u: sched.apply(u, None))
+    assert torch.allclose(out[0], targets[1], atol=1e-5)
+    sig = flow_sigmas(4, lambda u: sched.apply(u, None))
+    assert float(sig[0]) == 1.0 and float(sig[-1]) == 0.0
+    assert float(sig[2]) == pytest.approx(shift * 0.5 / (1 + (shift - 1) * 0.5))
+    guided = sample_flow(predict, _cond(1), _cond(0), noise=noise, steps=6, cfg_scale=3.0,
+                         shift=lambda u: sched.apply(u, None))
+    assert torch.allclose(guided[0], targets[0] + 3 * (targets[1] - targets[0]), atol=1e-4)

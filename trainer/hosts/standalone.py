@@ -13,7 +13,8 @@ import torch
 
 from trainer.errors import InputError
 
-BUILTIN_MODELS = ("tiny-sd1", "tiny-sd2v", "tiny-sdxl", "small-sd1", "sd15-random", "sdxl-random")
+BUILTIN_MODELS = ("tiny-sd1", "tiny-sd2v", "tiny-sdxl", "small-sd1", "sd15-random", "sdxl-random", "tiny-zimage",
+                  "tiny-anima")
 CHECKPOINT_EXTS = (".safetensors", ".ckpt", ".pt", ".pth", ".sft")
 
 

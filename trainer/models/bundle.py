@@ -22,11 +22,18 @@ class Family(str, Enum):
     SD1 = "sd1"
     SD2 = "sd2"
     SDXL = "sdxl"
+    ZIMAGE = "zimage"  # flow-matching DiT (ZImageTransformer2DModel + Qwen3-4B)
+    ANIMA = "anima"  # flow-matching DiT (Cosmos-Predict2 2B + LLM adapter + Qwen3-0.6B)
 
     @property
     def base_model_version(self) -> str:
-        """kohya's ``ss_base_model_version`` for eps models (v models of SD2 add ``_v``)."""
-        return {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}[self.value]
+        """kohya's ``ss_base_model_version`` for eps models (v models of SD2 add ``_v``); the reference
+        product writes ``zimage``, kohya's Anima trainer ``anima``."""
+        return {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0", "zimage": "zimage", "anima": "anima"}[self.value]
+
+    @property
+    def is_dit(self) -> bool:
+        return self in (Family.ZIMAGE, Family.ANIMA)
 
 
 @dataclass(frozen=True)
@@ -52,11 +59,14 @@ class Cond:
         size: SDXL size conditioning (B, 6): original (h, w), crop top-left (top, left), target (h, w) in
             pixels, per sample (kohya's ``original_size``/``crop_top_left``/``target_size``); None means
             an uncropped image of the latent's own size. Ignored by SD1/SD2.
+        mask: (B, T) bool, True for real tokens: DiT families whose prompts have different lengths
+            (Z-Image keeps only the real tokens); None where every token counts (CLIP).
     """
 
     context: torch.Tensor
     pooled: torch.Tensor | None = None
     size: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -65,7 +75,8 @@ class Cond:
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Cond:
         pooled = None if self.pooled is None else self.pooled.to(device=device, dtype=dtype)
         size = None if self.size is None else self.size.to(device=device)  # pixel counts stay float32
-        return Cond(self.context.to(device=device, dtype=dtype), pooled, size)
+        mask = None if self.mask is None else self.mask.to(device=device)
+        return Cond(self.context.to(device=device, dtype=dtype), pooled, size=size, mask=mask)
 
     def with_size(self, size: torch.Tensor | None) -> Cond:
         """The same text conditioning for images of the given sizes (B, 6) (see ``size``)."""
@@ -75,12 +86,14 @@ class Cond:
         """Repeat every row n times along the batch axis (row order kept: a a b b for n=2)."""
         pooled = None if self.pooled is None else self.pooled.repeat_interleave(n, 0)
         size = None if self.size is None else self.size.repeat_interleave(n, 0)
-        return Cond(self.context.repeat_interleave(n, 0), pooled, size)
+        mask = None if self.mask is None else self.mask.repeat_interleave(n, 0)
+        return Cond(self.context.repeat_interleave(n, 0), pooled, size=size, mask=mask)
 
     def select(self, index: torch.Tensor | list[int]) -> Cond:
         pooled = None if self.pooled is None else self.pooled[index]
         size = None if self.size is None else self.size[index]
-        return replace(self, context=self.context[index], pooled=pooled, size=size)
+        mask = None if self.mask is None else self.mask[index]
+        return replace(self, context=self.context[index], pooled=pooled, size=size, mask=mask)
 
     @staticmethod
     def cat(conds: Sequence[Cond]) -> Cond:
@@ -90,7 +103,13 @@ class Cond:
         pooled = None if conds[0].pooled is None else torch.cat([c.pooled for c in conds])  # type: ignore[misc]
         sizes = [c.size for c in conds]
         size = torch.cat(sizes) if all(x is not None for x in sizes) else None  # type: ignore[arg-type]
-        return Cond(torch.cat([c.context for c in conds]), pooled, size)
+        if conds[0].mask is None:
+            return Cond(torch.cat([c.context for c in conds]), pooled, size=size)
+        # masked (DiT) prompts of different calls may differ in length: pad to the longest
+        longest = max(c.context.shape[1] for c in conds)
+        context = torch.cat([torch.nn.functional.pad(c.context, (0, 0, 0, longest - c.context.shape[1])) for c in conds])
+        mask = torch.cat([torch.nn.functional.pad(c.mask, (0, longest - c.mask.shape[1])) for c in conds])  # type: ignore[arg-type]
+        return Cond(context, pooled, size=size, mask=mask)
 
 
 @runtime_checkable

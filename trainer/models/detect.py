@@ -48,6 +48,9 @@ def refuse_unsupported(path: str, state: Mapping[str, Any]) -> None:
     Raises:
         InputError: an SD3/Flux/other-DiT, inpainting/InstructPix2Pix, a LoRA or a bare diffusers part.
     """
+    from trainer.models.dit_loading import refuse_dit_file
+
+    refuse_dit_file(path, state)  # flow DiTs first: Z-Image/Anima named with their fix, others "next release"
     keys = list(state)
     bare = [k.removeprefix(UNET_PREFIX) for k in keys]
     if any(k.startswith("joint_blocks.") for k in bare):

@@ -323,9 +323,20 @@ def _load(model: str, vae: str | None, *, device: torch.device | str | None, dty
     if dtype == torch.int8:
         _quantise_int8_available()
     load_dtype = torch.bfloat16 if dtype == torch.int8 else dtype
+    from trainer.models.tiny_dit import TINY_DIT_NAMES, build_tiny_dit
+
+    if model in TINY_DIT_NAMES:
+        from trainer.models.dit import DiTBundle
+
+        if vae:
+            raise InputError(vae, f"{model} is a built-in model with its own VAE; leave the vae field empty")
+        return DiTBundle(build_tiny_dit(model), device=target, dtype=load_dtype)  # type: ignore[return-value]
     if model in BUILTIN_NAMES:
         parts = build_builtin(model, device=target, dtype=load_dtype)
     elif os.path.isdir(model):
+        dit = _dit_folder(model, vae, target, load_dtype)
+        if dit is not None:
+            return dit  # type: ignore[return-value]
         parts = load_diffusers_folder(model, use_ema=use_ema, dtype=load_dtype)
     elif os.path.isfile(model):
         parts = load_single_file(model, use_ema=use_ema, dtype=load_dtype)
@@ -345,6 +356,26 @@ def _load(model: str, vae: str | None, *, device: torch.device | str | None, dty
     if parts.name == "model":
         parts.name = Path(model).stem
     return DiffusersBundle(parts, device=target, dtype=dtype)
+
+
+def _dit_folder(model: str, vae: str | None, device: torch.device, dtype: torch.dtype) -> Any:
+    """A DiTBundle for a Z-Image folder; refuses next-release DiT folders; None for SD folders."""
+    import json
+
+    from trainer.models.dit import DiTBundle
+    from trainer.models.dit_loading import dit_pipeline, load_dit_folder, refuse_next_release
+
+    index_path = Path(model) / "model_index.json"
+    if not index_path.is_file():
+        return None
+    try:
+        index = json.loads(index_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None  # the SD loader names the broken file
+    refuse_next_release(model, index)
+    if dit_pipeline(index) is None:
+        return None
+    return DiTBundle(load_dit_folder(model, dtype=dtype, vae=vae or ""), device=device, dtype=dtype)
 
 
 def _quantise_int8_available() -> None:

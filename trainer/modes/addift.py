@@ -43,7 +43,7 @@ def decile_timestep(step: int, lo: int, hi: int) -> int:
 
 def addift_loss(ctx: RunContext, s, network, draw: Callable[[int], tuple]) -> Callable[[int], torch.Tensor]:
     """The shared ADDifT step. ``draw(step)`` returns (x_orig, x_targ, c_orig, c_targ, mask | None)."""
-    bundle, loss_fn, gen = ctx.bundle, ctx.loss_fn(s), ctx.generator(1)
+    bundle, loss_fn, gen, objective = ctx.bundle, ctx.loss_fn(s), ctx.generator(1), ctx.objective
     noise = NoiseControls.from_settings(s)  # s: this pass's settings
     lo, hi = int(s.train_min_timesteps), int(s.train_max_timesteps)
     check_timestep_range(lo, hi)
@@ -58,12 +58,12 @@ def addift_loss(ctx: RunContext, s, network, draw: Callable[[int], tuple]) -> Ca
             x_o, x_t, c_o, c_t = x_t, x_o, c_t, c_o
         forward = step % 2 == 0 or not alternate
         slot = step if alternate else 2 * step  # forward-only: each step takes the next decile
-        t = torch.full((x_o.shape[0],), decile_timestep(slot, lo, hi), device=x_o.device, dtype=torch.long)
+        t = objective.at(decile_timestep(slot, lo, hi), x_o.shape[0], x_o.device, tuple(x_o.shape[-2:]))
         eps = noise.like(x_o, gen)
         if ratio < 0 and not forward:
             x_o = x_t = eps  # regulariser: on pure noise the negative LoRA must change nothing
-        a_in = ctx.noise.add_noise(x_o if forward else x_t, eps, t)
-        b_in = ctx.noise.add_noise(x_t if forward else x_o, eps, t)
+        a_in = objective.noisy(x_o if forward else x_t, eps, t)
+        b_in = objective.noisy(x_t if forward else x_o, eps, t)
         with torch.no_grad(), network.scaled(0.0):
             reference = bundle.predict(a_in, t, c_o)
         multiplier = TRAIN_MULTIPLIER if forward else -TRAIN_MULTIPLIER * abs(ratio)

@@ -126,13 +126,13 @@ class DenoiseLoss:
     weight is min(SNR, γ)/(SNR + 1) (the reference used the ε formula for both, §17 #10).
     """
 
-    def __init__(self, name: str, snr_gamma: float, v_pred: bool, schedule: NoiseSchedule) -> None:
+    def __init__(self, name: str, snr_gamma: float, v_pred: bool, schedule: NoiseSchedule | None) -> None:
         if name not in _ELEMENTWISE:
             raise SettingsError("train_loss_function", f"unknown '{name}'; choose one of {', '.join(_ELEMENTWISE)}")
         self.elementwise = _ELEMENTWISE[name]
         self.snr_gamma = snr_gamma
         self.v_pred = v_pred
-        self.snr = schedule.snr
+        self.snr = schedule.snr if schedule is not None else None  # None: flow matching, never weighted
 
     def weights(self, t: torch.Tensor) -> torch.Tensor:
         snr = self.snr.to(t.device)[t]
@@ -154,7 +154,7 @@ class DenoiseLoss:
             # sample whose mask covers a quarter of the image contributes a quarter of the loss
             loss = loss * mask.to(loss.device, loss.dtype)
         per_sample = loss.flatten(1).mean(1)
-        if self.snr_gamma > 0:
+        if self.snr_gamma > 0 and self.snr is not None:
             per_sample = per_sample * self.weights(t)
         if weights is not None:
             per_sample = per_sample * weights.to(per_sample.device, per_sample.dtype)

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from trainer.errors import InputError, SettingsError
-from trainer.modes.common import NoiseControls, check_timestep_range, sample_timesteps, save_steps
+from trainer.modes.common import NoiseControls, check_timestep_range, save_steps
 from trainer.modes.inputs import encode_prompt_pair, load_image_pair
 from trainer.modes.resume import read_state
 from trainer.modes.setup import ModeOutcome, RunContext, build_adapters, finish, run_pass, save_network
@@ -51,13 +51,14 @@ def denoise_loss(ctx: RunContext, s, latent: torch.Tensor, cond, gen: torch.Gene
     batch = int(s.train_batch_size)
     lo, hi, fixed = int(s.train_min_timesteps), int(s.train_max_timesteps), bool(s.train_fixed_timsteps_in_batch)
     check_timestep_range(lo, hi)
-    x0, cond = latent.expand(batch, *latent.shape[1:]), cond.repeat(batch)
+    x0, cond, objective = latent.expand(batch, *latent.shape[1:]), cond.repeat(batch), ctx.objective
 
     def loss_step(step: int) -> torch.Tensor:
         eps = noise.like(x0, gen)
-        t = sample_timesteps(batch, lo, hi, fixed_in_batch=fixed, generator=gen, device=x0.device)
-        pred = bundle.predict(ctx.noise.add_noise(x0, eps, t), t, cond)
-        return loss_fn(pred, ctx.noise.v_target(x0, eps, t) if bundle.v_pred else eps, t)
+        t = objective.sample_t(batch, lo, hi, fixed_in_batch=fixed, generator=gen, device=x0.device,
+                               latent_hw=tuple(x0.shape[-2:]))
+        pred = bundle.predict(objective.noisy(x0, eps, t), t, cond)
+        return loss_fn(pred, objective.target(x0, eps, t), t)
 
     return loss_step
 

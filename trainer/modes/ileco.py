@@ -12,7 +12,7 @@ import json
 
 import torch
 
-from trainer.modes.common import check_timestep_range, sample_timesteps
+from trainer.modes.common import check_timestep_range
 from trainer.modes.inputs import encode_prompt_pair
 from trainer.modes.setup import ModeOutcome, RunContext, build_adapters, finish, run_pass, train_text_encoder
 from trainer.report import neighbour_prompts, run_probe
@@ -51,7 +51,8 @@ def run(ctx: RunContext) -> ModeOutcome:
 
     def loss_step(step: int) -> torch.Tensor:
         noise = z if fixed_noise else torch.randn(z.shape, generator=gen, device=gen.device).to(z.device)
-        t = sample_timesteps(batch, lo, hi, fixed_in_batch=False, generator=gen, device=z.device)
+        t = ctx.objective.sample_t(batch, lo, hi, fixed_in_batch=False, generator=gen, device=z.device,
+                                   latent_hw=tuple(z.shape[-2:]))
         with torch.no_grad(), network.scaled(0.0):
             goal = bundle.predict(noise, t, target)
         cond = bundle.encode_prompts([s.original_prompt] * batch) if train_te else fixed_original

@@ -13,7 +13,7 @@ import json
 import torch
 
 from trainer.data import BucketBatcher, CaptionAugment
-from trainer.modes.common import NoiseControls, sample_timesteps, save_steps
+from trainer.modes.common import NoiseControls, save_steps
 from trainer.modes.dataset import dataset_metadata, plan_lora_data, plan_steps
 from trainer.modes.setup import (
     CaptionEncoder,
@@ -76,7 +76,7 @@ def run(ctx: RunContext) -> ModeOutcome:
     if not encode.per_step:
         bundle.offload("text_encoders")
     bundle.set_gradient_checkpointing(bool(s.use_gradient_checkpointing))
-    gen, loss_fn, noise = ctx.generator(1), ctx.loss_fn(s), NoiseControls.from_settings(s)
+    gen, loss_fn, noise, objective = ctx.generator(1), ctx.loss_fn(s), NoiseControls.from_settings(s), ctx.objective
     lo, hi, fixed = int(s.train_min_timesteps), int(s.train_max_timesteps), bool(s.train_fixed_timsteps_in_batch)
     masked, reg = bool(s.masked_loss), any(x.is_reg for x in plan.samples)
     prior = float(s.prior_loss_weight)
@@ -86,10 +86,11 @@ def run(ctx: RunContext) -> ModeOutcome:
         batch = data.gather(ref.bucket_index, list(ref.indices), bundle.device)  # this batch only to the device
         x0 = batch.latents
         eps = noise.like(x0, gen, x0.dtype)
-        t = sample_timesteps(x0.shape[0], lo, hi, fixed_in_batch=fixed, generator=gen, device=x0.device)
+        t = objective.sample_t(x0.shape[0], lo, hi, fixed_in_batch=fixed, generator=gen, device=x0.device,
+                               latent_hw=tuple(x0.shape[-2:]))
         cond = encode(batch.captions, step).with_size(batch.size_ids)  # SDXL: each image's own size and crop
-        pred = bundle.predict(ctx.noise.add_noise(x0, eps, t), t, cond)
-        target = ctx.noise.v_target(x0, eps, t) if bundle.v_pred else eps
+        pred = bundle.predict(objective.noisy(x0, eps, t), t, cond)
+        target = objective.target(x0, eps, t)
         # kohya's prior preservation: regularization samples count prior_loss_weight times
         weights = torch.where(batch.is_reg, prior, 1.0) if reg else None
         return loss_fn(pred, target, t, batch.masks if masked else None, weights)

@@ -84,7 +84,7 @@ class RunContext:
     out: OutputPlan
     seed: int
     precision: Precision
-    noise: NoiseSchedule
+    objective: Any  # trainer.modes.objective.Objective: DDPM (ε/v) or rectified flow
     started_at: float = field(default_factory=time.time)
     notes: list[str] = field(default_factory=list)
     files: list[tuple[Path, dict[str, Any] | None]] = field(default_factory=list)  # written by earlier passes
@@ -102,7 +102,9 @@ class RunContext:
         seed_everything(seed)
         precision = resolve_precision(settings.train_model_precision, settings.train_lora_precision, bundle.device,
                                       bool(getattr(settings, "train_full_bf16", False)))
-        ctx = RunContext(settings, bundle, events, stop, out, seed, precision, NoiseSchedule(bundle.alphas_cumprod),
+        from trainer.modes.objective import objective_for
+
+        ctx = RunContext(settings, bundle, events, stop, out, seed, precision, objective_for(bundle, settings),
                          rank=rank, world_size=world_size, grad_sync=grad_sync)
         for note in precision.notes:
             ctx.note(note)
@@ -163,8 +165,18 @@ class RunContext:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def noise(self) -> NoiseSchedule | None:
+        """The DDPM ᾱ schedule (None for flow-matching models)."""
+        return getattr(self.objective, "schedule", None) if self.objective.kind == "ddpm" else None
+
     def loss_fn(self, s) -> DenoiseLoss:
-        return DenoiseLoss(s.train_loss_function, float(s.train_snr_gamma), bool(self.bundle.v_pred), self.noise)
+        """The pass's loss; on a flow model the DDPM-only noise settings are refused first."""
+        if self.objective.kind == "flow":
+            from trainer.modes.objective import check_flow_settings
+
+            check_flow_settings(s, self.note)
+        return self.objective.loss(s.train_loss_function, float(s.train_snr_gamma))
 
 
 

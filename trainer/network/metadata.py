@@ -22,8 +22,12 @@ _ARCHITECTURE = {
     ("sd2", False): "stable-diffusion-v2-512",
     ("sd2", True): "stable-diffusion-v2-768-v",
     ("sdxl", False): "stable-diffusion-xl-v1-base",
+    ("zimage", False): "Z-Image",  # OneTrainer's z_image-lora spec
+    ("anima", False): "anima-preview",  # kohya's sai_model_spec (ARCH_ANIMA_PREVIEW)
 }
-_SIDECAR_VERSION = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL"}
+_IMPLEMENTATION = {"sdxl": "https://github.com/Stability-AI/generative-models", "zimage": "https://github.com/huggingface/diffusers",
+                   "anima": "https://huggingface.co/circlestone-labs/Anima"}
+_SIDECAR_VERSION = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL", "zimage": "Z-Image", "anima": "Anima"}
 _LYCORIS_ALGO = {"loha": "loha", "lokr": "lokr", "dora": "locon"}
 
 
@@ -34,7 +38,7 @@ def _family(value: Any) -> str:
 def base_model_version(family: Any, v_pred: bool) -> str:
     """kohya's ``ss_base_model_version``: ``sd_v1``, ``sd_v2``, ``sd_v2_v`` or ``sdxl_base_v1-0``."""
     fam = _family(family)
-    version = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}[fam]
+    version = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0", "zimage": "zimage", "anima": "anima"}[fam]
     return version + "_v" if fam == "sd2" and v_pred else version
 
 
@@ -273,7 +277,7 @@ def _modelspec(
     """SAI ModelSpec 1.0.1 keys for a LoRA."""
     arch = _ARCHITECTURE[(fam, v_pred and fam == "sd2")]
     # kohya: SDXL LoRAs are in sgm layout, SD1/SD2 LoRAs in diffusers layout
-    implementation = "https://github.com/Stability-AI/generative-models" if fam == "sdxl" else "diffusers"
+    implementation = _IMPLEMENTATION.get(fam, "diffusers")
     spec = {
         "modelspec.sai_model_spec": "1.0.1",
         "modelspec.architecture": f"{arch}/lora",
@@ -281,7 +285,7 @@ def _modelspec(
         "modelspec.title": title,
         "modelspec.resolution": f"{width}x{height}",
         "modelspec.date": _iso(date_ts),
-        "modelspec.prediction_type": "v" if v_pred else "epsilon",
+        "modelspec.prediction_type": "flow" if fam in ("zimage", "anima") else "v" if v_pred else "epsilon",
         "modelspec.timestep_range": f"{timesteps[0]},{timesteps[1]}",
     }
     if clip_skip is not None:

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from trainer.models.dit_keys import split_key
 from trainer.network.adapter import Adapter
 from trainer.network.dora import DoRAModule
 from trainer.network.loha import LoHaModule
@@ -66,6 +67,7 @@ class Network(nn.Module):
         self.report = report
         self._components = {t.kohya_name: t.component for t in targets}
         self._aliases = {alias: t.kohya_name for t in targets for alias in (t.kohya_name, *t.aliases)}
+        self._saved = {t.kohya_name: t.save_name for t in targets if t.save_name}
         self.load_report: LoadReport | None = None
 
     @property
@@ -158,7 +160,8 @@ class Network(nn.Module):
             tensors = {k: v.detach().float() for k, v in adapter.state_dict().items()}
             if strength != 1.0:
                 tensors = adapter.scale_for_strength(tensors, strength)
-            out.update({f"{name}.{k}": v.to("cpu", dtype).contiguous() for k, v in tensors.items()})
+            saved = self._saved.get(name, name)  # DiT families save under the key their loaders map
+            out.update({f"{saved}.{k}": v.to("cpu", dtype).contiguous() for k, v in tensors.items()})
         return out
 
     @torch.no_grad()
@@ -174,7 +177,7 @@ class Network(nn.Module):
         by_adapter: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
         unexpected = []
         for key, tensor in state_dict.items():
-            module_name, _, suffix = key.partition(".")
+            module_name, suffix = split_key(key)
             name = self._aliases.get(module_name)
             if name is None or name not in self.adapters:
                 unexpected.append(key)

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from trainer.errors import SettingsError
+from trainer.models.dit_keys import split_key
 from trainer.network.adapter import Adapter
 from trainer.network.dora import DoRAModule
 from trainer.network.kohya_io import load_lora
@@ -19,7 +20,7 @@ from trainer.network.network import LoadReport, Network
 from trainer.network.select import Target, candidate_targets
 from trainer.network.spec import NetworkSpec
 
-_FAMILY_OF_VERSION = (("sdxl", "sdxl"), ("sd_v2", "sd2"), ("sd_v1", "sd1"))
+_FAMILY_OF_VERSION = (("sdxl", "sdxl"), ("sd_v2", "sd2"), ("sd_v1", "sd1"), ("zimage", "zimage"), ("anima", "anima"))
 
 
 def file_family(state_dict: dict[str, torch.Tensor], metadata: dict[str, str]) -> str | None:
@@ -129,7 +130,7 @@ def network_from_file(
     _check_family(bundle, os.fspath(path), file_family(state_dict, metadata))
     grouped: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in state_dict.items():
-        module_name, _, suffix = key.partition(".")
+        module_name, suffix = split_key(key)
         grouped.setdefault(module_name, {})[suffix] = tensor
     probe = NetworkSpec("c3lier", 1, 1)  # every module any network type adapts
     adapters: dict[str, Adapter] = {}

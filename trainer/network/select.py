@@ -57,6 +57,7 @@ class Target:
     rank: int
     alpha: float
     aliases: tuple[str, ...] = ()
+    save_name: str = ""  # the saved key prefix when it differs from kohya_name (DiT families)
 
 
 @dataclass(frozen=True)
@@ -147,6 +148,9 @@ def candidate_targets(bundle: Any, spec: NetworkSpec) -> Iterator[Target]:
     Yields:
         Targets in model order: U-Net, then each text encoder.
     """
+    if getattr(bundle, "layout", "") == "dit":
+        yield from _dit_targets(bundle, spec)
+        return
     containers = _CONTAINERS.get(spec.network_type, _FULL_CONTAINERS)
     for path, leaf in _unet_leaves(bundle.unet, containers):
         ldm_path, kohya, aliases = _unet_names(bundle, path)
@@ -161,6 +165,28 @@ def candidate_targets(bundle: Any, spec: NetworkSpec) -> Iterator[Target]:
                 short = names.kohya_name(prefix, full[len("text_model.") :])
                 rank, alpha = spec.rank_alpha("linear")
                 yield Target(kohya, leaf, prefix, path, "BASE", "linear", rank, alpha, (short,))
+
+
+def _dit_targets(bundle: Any, spec: NetworkSpec) -> Iterator[Target]:
+    """A DiT's attention and MLP linears (every network type: DiTs have no convolutions to add). They
+    form one block, ``DIT``: the U-Net's IN/MID/OUT blocks do not exist in a transformer stack."""
+    from trainer.models.dit_keys import dit_leaf, dit_names
+
+    family = _family_value(bundle)
+    rank, alpha = spec.rank_alpha("linear")
+    for path, leaf in bundle.unet.named_modules():
+        if isinstance(leaf, nn.Linear) and dit_leaf(family, path):
+            name, saved = dit_names(family, path)
+            aliases = (saved,) if saved != name else ()
+            yield Target(name, leaf, "unet", path, DIT_BLOCK, "linear", rank, alpha, aliases, saved)
+
+
+DIT_BLOCK = "DIT"
+
+
+def _block_ok(block: str, selected: set[str]) -> bool:
+    """DiT modules train whenever any denoiser block is selected (BASE alone selects none)."""
+    return block in selected or (block == DIT_BLOCK and bool(selected - {"BASE"}))
 
 
 def _existing_blocks(bundle: Any) -> set[str]:
@@ -178,6 +204,8 @@ def _existing_blocks(bundle: Any) -> set[str]:
 
 def _unavailable_warnings(bundle: Any, spec: NetworkSpec, available: set[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """Selected blocks this model cannot serve, and (unless every block was selected) one line per reason."""
+    if DIT_BLOCK in available:  # a DiT: U-Net block choices do not apply (documented in network_blocks)
+        return (), ()
     missing = tuple(b for b in spec.blocks if b not in available)
     if set(spec.blocks) >= set(BLOCK_IDS):
         return missing, ()  # the default "all blocks" is not a choice worth warning about
@@ -210,7 +238,7 @@ def select_targets(bundle: Any, spec: NetworkSpec) -> SelectionReport:
     """
     selected = set(spec.blocks)
     all_targets = list(candidate_targets(bundle, spec))
-    chosen = [t for t in all_targets if t.block in selected and _element_ok(t.path, spec.element)]
+    chosen = [t for t in all_targets if _block_ok(t.block, selected) and _element_ok(t.path, spec.element)]
     kohya_names = [t.kohya_name for t in chosen]
     assert len(set(kohya_names)) == len(kohya_names), "duplicate kohya names in selection"
     unavailable, warnings = _unavailable_warnings(bundle, spec, {t.block for t in all_targets})

@@ -14,7 +14,7 @@ from typing import Any, Protocol
 import torch
 
 from trainer.sampling.prompts import SamplePrompt
-from trainer.sampling.sampler import sample_latents
+from trainer.sampling.sampler import sample_flow, sample_latents
 
 
 class Renderer(Protocol):
@@ -52,6 +52,12 @@ class OwnLoopRenderer:
         shape = (1, getattr(bundle, "latent_channels", 4), prompt.height // f, prompt.width // f)
         # noise from a CPU generator: the same picture on every device, and no global RNG touched
         noise = torch.randn(shape, generator=torch.Generator().manual_seed(prompt.seed % 2**63)).to(bundle.device)
+        flow = getattr(bundle, "flow", None)
+        if flow is not None:  # flow-matching families: Euler on σ with the family's shift at this size
+            with self.autocast():
+                latents = sample_flow(bundle.predict, cond, uncond, noise=noise, steps=prompt.steps,
+                                      cfg_scale=prompt.cfg_scale, shift=lambda u: flow.apply(u, tuple(shape[-2:])))
+            return to_image(bundle.decode_latents(latents)[0])
         with self.autocast():
             latents = sample_latents(bundle.predict, cond, uncond, alphas_cumprod=bundle.alphas_cumprod, noise=noise,
                                      steps=prompt.steps, cfg_scale=prompt.cfg_scale, v_pred=bool(bundle.v_pred),

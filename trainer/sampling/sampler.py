@@ -112,3 +112,41 @@ def _eps(out: torch.Tensor, x_t: torch.Tensor, alpha_bar: float, v_pred: bool) -
         return out
     return alpha_bar**0.5 * out + (1 - alpha_bar) ** 0.5 * x_t
 
+
+
+def flow_sigmas(steps: int, shift_for_size) -> torch.Tensor:
+    """``steps + 1`` σ from 1 to 0: an even grid moved by the family's shift (``shift_for_size(u)``)."""
+    return shift_for_size(torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64))
+
+
+def sample_flow(
+    predict: Predict,
+    cond: Cond,
+    uncond: Cond | None,
+    *,
+    noise: torch.Tensor,
+    steps: int,
+    cfg_scale: float,
+    shift,
+) -> torch.Tensor:
+    """Euler on the rectified-flow ODE dx/dσ = v̂ (the model's velocity ε − x₀), from pure noise at σ = 1.
+
+    Args:
+        shift: maps unshifted σ ∈ [0, 1] to the family's shifted σ (``FlowSchedule.apply`` at this size).
+
+    Returns:
+        The latents at σ = 0, (1, C, h, w) float32.
+    """
+    sigmas = flow_sigmas(steps, shift)
+    guided = uncond is not None and cfg_scale != 1.0
+    both = Cond.cat([uncond, cond]) if guided else cond
+    x = noise.double()
+    for i in range(steps):
+        batch = torch.cat([x, x]).float() if guided else x.float()
+        t = torch.full((batch.shape[0],), float(sigmas[i]), device=noise.device)
+        out = predict(batch, t, both).double()
+        if guided:
+            out_uncond, out_cond = out.chunk(2)
+            out = out_uncond + cfg_scale * (out_cond - out_uncond)
+        x = x + (sigmas[i + 1] - sigmas[i]) * out
+    return x.float()
