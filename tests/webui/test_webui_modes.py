@@ -3,6 +3,9 @@ the right key layout, the Lora list is refreshed, the model comes back bit-exact
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 from helpers import fingerprint
@@ -122,3 +125,20 @@ def test_the_webuis_clip_skip_is_recorded(webui, tmp_path, monkeypatch):
     assert meta["ss_clip_skip"] == "2" and meta["modelspec.encoder_layer"] == "2"
     assert meta["ss_mixed_precision"] == "no" and meta["ss_zero_terminal_snr"] == "False"
     assert any("clip_skip 3 is not used here" in n for n in result["notes"])
+
+
+def test_stop_and_save_gets_the_card_sidecar_too(webui, tmp_path):
+    """The stop-and-save file is the LoRA the user has: A1111's <name>.json card comes with it (measured in
+    Forge and Neo: only the final save had one)."""
+    calls = []
+
+    def stop():
+        calls.append(1)
+        return "save" if len(calls) >= 2 else None
+
+    settings = Settings.from_layers(BASE, {"mode": "LoRA", "save_lora_name": "halt", "train_iterations": 50},
+                                    _inputs("LoRA", tmp_path))
+    result = run_job(settings, WebUIHost(), events=Events(), stop=stop)
+    assert result["status"] == "saved_stop"
+    card = Path(result["lora_path"]).with_suffix(".json")
+    assert card.is_file() and json.loads(card.read_text(encoding="utf-8"))["sd_version"] == "SD1"

@@ -453,7 +453,8 @@ def finish(ctx: RunContext, s, network, result: PassResult, written: list[Path],
     never handed over as a success.
     """
     extra = dict(extra or {})
-    saved = list(ctx.files) + [(p, None) for p in written]
+    # step, epoch and stop saves are LoRAs a user loads too: the same A1111 card sidecar for each
+    saved = list(ctx.files) + [(p, sidecar) for p in written]
     card = None
     status = result.status
     final = Path(result.last_save) if result.last_save else None
