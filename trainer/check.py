@@ -74,6 +74,21 @@ def check_lora(path: str | Path, bundle, *, size_px: int = 512, prompt: str = ""
     }
 
 
+def summary_line(result: dict[str, Any]) -> str:
+    """One line a user reads first: verdict, what the file is, how it matched, its effect and what that means.
+
+    ``OK my.safetensors: sd1 lierla rank 16 · 264/264 modules matched · effect 0.35 (training: 0.41) — Effect = …``
+    """
+    from trainer.settings import EFFECT_MEANING
+
+    verdict = "PROBLEM" if result["warnings"] else "OK"
+    trained = result.get("metadata", {}).get("traintrain_effect")
+    at_training = f" (training measured {trained} on its own probe)" if trained else ""
+    return (f"{verdict} {Path(result['file']).name}: {result['family']} {result['network_type']} rank "
+            f"{result['rank']} · {result['matched']}/{result['modules_in_file']} modules matched · effect "
+            f"{result['effect']:.3g}{at_training}. {EFFECT_MEANING}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m trainer check", description=__doc__.splitlines()[0])
     parser.add_argument("lora")
@@ -90,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     with host.acquire(args.model, args.vae or "", precision="fp32", v_pred=None) as bundle:
         result = check_lora(args.lora, bundle, size_px=args.size, prompt=args.prompt)
     text = json.dumps(result, indent=2, default=str)
+    print(summary_line(result))  # the answer first; the full report follows
     print(text)
     for warning in result["warnings"]:
         print(f"WARNING: {warning}")
