@@ -115,16 +115,12 @@ class TrainTab:
         start_mode = mode.default
         with gr.Row(elem_classes=["tt-models"]):
             self.job["mode"] = gr.Radio(choices=form.mode_choices(), value=mode.default, label=mode.label,
-                                        info=MODE_HELP, elem_id="tt_mode", scale=6)
+                                        info=MODE_HELP, elem_id="tt_mode", scale=3)
             models = self.host.list_models()
             self.job["model"] = gr.Dropdown(choices=models, value=self.host.default_model() or None,
                                             label=by_key["model"].label, info=by_key["model"].help,
-                                            allow_custom_value=True, elem_id="tt_model", scale=3, min_width=200)
+                                            allow_custom_value=True, elem_id="tt_model", scale=2, min_width=200)
             self.ui["model_refresh"] = compat.tool_button("🔄", "tt_model_refresh")
-            self.job["vae"] = gr.Dropdown(choices=self._vaes(), value=NO_VAE, label=by_key["vae"].label,
-                                          info=by_key["vae"].help, allow_custom_value=True, elem_id="tt_vae",
-                                          scale=2)
-            self.ui["vae_refresh"] = compat.tool_button("🔄", "tt_vae_refresh")
         self.ui["mode_now"] = gr.State(start_mode)  # the mode the form's defaults belong to
         inputs = form.group_fields(form.pass1_fields(), "inputs")
         self.ui["inputs_modes"] = frozenset().union(*(f.modes for f in inputs))
@@ -157,6 +153,8 @@ class TrainTab:
             with gr.Accordion(form.changed_in_group(group, mode, values), open=False,
                               visible=form.group_visible(group, mode), elem_id=f"tt_group_{group}",
                               elem_classes=["tt-group"]) as acc:
+                if group == "advanced":  # the checkpoint's own VAE is right for almost everyone
+                    self._build_vae()
                 self._field_columns(self.first, [f for f in members if f.widget != "checkboxgroup"], 1, mode)
                 if any(f.key == BLOCKS_KEY for f in members):
                     self.first[BLOCKS_KEY] = field_widget(blocks, value=list(choices), choices=choices)
@@ -173,6 +171,13 @@ class TrainTab:
             self.second[BLOCKS_KEY] = field_widget(blocks, pass_index=2, value=list(choices), choices=choices)
             self.ui["blocks2"] = gr.State(choices)
         self.ui["pass2"] = acc
+
+    def _build_vae(self) -> None:
+        vae = next(f for f in form.job_fields() if f.key == "vae")
+        with gr.Row(elem_classes=["tt-models"]):
+            self.job["vae"] = gr.Dropdown(choices=self._vaes(), value=NO_VAE, label=vae.label, info=vae.help,
+                                          allow_custom_value=True, elem_id="tt_vae", scale=4)
+            self.ui["vae_refresh"] = compat.tool_button("🔄", "tt_vae_refresh")
 
     def _field_columns(self, target: dict[str, Any], fields: list[Any], pass_index: int, mode: str | None) -> None:
         """``fields`` in three columns of about equal height."""
