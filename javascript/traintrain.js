@@ -48,7 +48,7 @@
             return;
         }
         lastMessage = box.value;
-        if (lastMessage.indexOf("Successfully created to") < 0) {
+        if (!/LoRA saved to|saved the LoRA to/.test(lastMessage)) {
             return;
         }
         ["txt2img", "img2img"].forEach(function (tab) {

@@ -24,7 +24,8 @@ def test_train_from_a_preset_writes_the_lora_and_the_result_json(tmp_path, capsy
                  "--set", "save_as_json=true", "--result-json", str(result_path)])
     assert code == 0
     result = json.loads(result_path.read_text())
-    assert "report: " in capsys.readouterr().out  # the card's three lines follow the message
+    out = capsys.readouterr().out
+    assert "report: " in out and "Logs and previews: " in out  # the card's three lines follow the message
     assert {"status", "lora_path", "steps", "final_loss", "seconds", "seed"} <= result.keys()
     assert result["status"] == "done" and result["steps"] == 3 and result["seed"] == 7
     assert load_lora(result["lora_path"])[1]["ss_seed"] == "7"
@@ -36,6 +37,8 @@ def test_train_from_a_preset_writes_the_lora_and_the_result_json(tmp_path, capsy
     assert str(tmp_path) not in meta["traintrain_report_probe"]  # image names only: a shared file leaks no folders
     assert main(["check", result["lora_path"], "--model", "tiny-sd1", "--size", "64", "--images", str(data.parent),
                  "--json", str(check_json)]) == 1
+    first_line = capsys.readouterr().out.splitlines()[0]  # the verdict first, before the JSON report
+    assert first_line.startswith("PROBLEM cli_lora.safetensors: sd1 lierla rank ") and "did not learn" in first_line
     report = json.loads(check_json.read_text())
     assert report["family"] == "sd1" and report["unmatched"] == [] and report["matched"] == report["modules_in_file"]
     card = report["report"]
@@ -101,3 +104,22 @@ def test_ctrl_c_saves_then_exits_130(tmp_path, capsys, monkeypatch):
     assert code == 130 and result["status"] == "saved_stop" and result["steps"] < 50
     assert load_lora(result["lora_path"])[1]["ss_steps"] == str(result["steps"])  # saved before exiting
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler was put back
+
+
+def test_cli_writes_logs_beside_the_lora_and_says_where(tmp_path, capsys):
+    from PIL import Image
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(2):
+        Image.new("RGB", (64, 64), (200, 40 * i, 40)).save(data / f"i{i}.png")
+    out = tmp_path / "out"
+    code = main(["train", "presets/LoRA.json", "--model", "tiny-sd1", "--lora-dir", str(out), "--quiet",
+                 "--set", f"lora_data_directory={data}", "--set", "image_size(height, width)=64",
+                 "--set", "image_buckets_step=32", "--set", "image_min_length=32", "--set", "train_iterations=2",
+                 "--set", "train_batch_size=1", "--set", "save_lora_name=here", "--set", "effect_check=false"])
+    assert code == 0
+    logs = list((out / "logs").rglob("here-*.csv"))
+    assert len(logs) == 1  # not in the install folder's logs/
+    printed = capsys.readouterr().out
+    assert f"Logs and previews: {logs[0].parent}" in printed

@@ -30,7 +30,7 @@ def test_ileco_erasing_learns_stays_below_its_own_move_and_check_agrees(trainer)
     # on this random tiny model prompts share most of their context (cosine 0.7-0.98), so neighbours
     # move with it; they still move less than the erased concept itself
     assert 0 < card["specificity"] < 100 and card["neighbours"] == 3
-    assert "neighbours moved" in card["verdict"] and result["message"].startswith("Successfully created")
+    assert "neighbours moved" in card["verdict"] and result["message"].startswith("Done. LoRA saved to")
     meta = load_lora(result["lora_path"])[1]
     assert meta["traintrain_report_learned"] == "true" and "traintrain_effect" not in meta
     assert float(meta["traintrain_report_efficacy"]) == pytest.approx(card["efficacy"], rel=1e-3)

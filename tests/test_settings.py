@@ -45,8 +45,14 @@ def test_field_attr_label_and_choices():
     assert FIELD_BY_KEY[SIZE].attr == "image_size"
     assert FIELD_BY_KEY[BLOCKS].attr == "network_blocks"
     assert FIELD_BY_KEY["original prompt"].attr == "original_prompt"
-    assert FIELD_BY_KEY["network_rank"].label == "network rank"
-    assert FIELD_BY_KEY["train_fixed_timsteps_in_batch"].label == "train fixed timesteps in batch"
+    assert FIELD_BY_KEY["network_rank"].label == "Rank"  # labels in words; the key stays in the help
+    assert FIELD_BY_KEY["train_learning_rate"].label == "Learning rate"
+    assert FIELD_BY_KEY["lora_data_directory"].label == "Image folder"
+    labels = [f.label for f in FIELDS]
+    assert len(labels) == len(set(labels)) and not [f.key for f in FIELDS if "_" in f.label and f.label == f.key]
+    from trainer.settings import GROUPS, OPTIONAL_GROUPS
+
+    assert {f.group for f in FIELDS} == set(GROUPS) and set(OPTIONAL_GROUPS) < set(GROUPS)
     assert OPTIMIZERS.count("-" * 26) == 4 and OPTIMIZERS[5] == SEPARATOR
     assert FIELD_BY_KEY["network_alpha"].choices[0] == 0.03125 and FIELD_BY_KEY["network_alpha"].choices[-1] == 1024.0
     assert FIELD_BY_KEY["network_conv_rank"].choices[:2] == (0, 4)

@@ -32,8 +32,8 @@ def _train_parser(sub) -> None:
     p.add_argument("--target-image")
     p.add_argument("--lora-dir", help="output folder for the LoRA files (default ./output)")
     p.add_argument("--models-dir", help="folder with Stable-diffusion/, VAE/ and Lora/ subfolders")
-    p.add_argument("--logs-dir", default=str(ROOT / "logs"), help="CSV loss logs (default: logs/)")
-    p.add_argument("--json-dir", default=str(ROOT / "json"), help="settings snapshots (default: json/)")
+    p.add_argument("--logs-dir", help="CSV loss logs and previews (default: logs/ beside the LoRA files)")
+    p.add_argument("--json-dir", help="settings snapshots (default: json/ beside the LoRA files)")
     p.add_argument("--device", help="cuda, cpu, mps, cuda:1 … (default: the best available)")
     p.add_argument("--result-json", help="write the result as JSON to this file")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -89,9 +89,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         host = StandaloneHost(args.models_dir, args.lora_dir, device=dp.device)
         stop = _StopOnSignal()
         events = Events([TqdmSink(disable=args.quiet or not dp.is_main)])
+        # one place per run: logs, previews and snapshots go beside the LoRA unless told otherwise
+        logs_root = Path(args.logs_dir) if args.logs_dir else host.lora_dir() / "logs"
+        json_root = Path(args.json_dir) if args.json_dir else host.lora_dir() / "json"
         try:
-            result = run_job(settings, host, events=events, stop=dp.wrap_stop(stop), logs_root=Path(args.logs_dir),
-                             json_root=Path(args.json_dir), rank=dp.rank, world_size=dp.world_size,
+            result = run_job(settings, host, events=events, stop=dp.wrap_stop(stop), logs_root=logs_root,
+                             json_root=json_root, rank=dp.rank, world_size=dp.world_size,
                              grad_sync=dp.grad_sync)
         finally:
             events.close()
@@ -100,6 +103,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             result["data_parallel"] = dp.check_sync()
         if dp.is_main:
             print(result["message"])
+            print(f"Logs and previews: {result.get('log_folder') or logs_root}")
             if result.get("report"):
                 from trainer.report import Card
 

@@ -91,6 +91,18 @@ def check_lora(path: str | Path, bundle, *, size_px: int = 512, prompt: str = ""
     }
 
 
+def summary_line(result: dict[str, Any]) -> str:
+    """One line a user reads first: OK/PROBLEM, what the file is, how it matched, and the card's verdict.
+
+    ``OK my.safetensors: sd1 lierla rank 16 · 264/264 modules matched · learned; neighbours moved 4% …``
+    """
+    verdict = "PROBLEM" if result["warnings"] else "OK"
+    card = result.get("report") or {}
+    return (f"{verdict} {Path(result['file']).name}: {result['family']} {result['network_type']} rank "
+            f"{result['rank']} · {result['matched']}/{result['modules_in_file']} modules matched · "
+            f"{card.get('verdict', 'no report card')}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m trainer check", description=__doc__.splitlines()[0])
     parser.add_argument("lora")
@@ -108,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     with host.acquire(args.model, args.vae or "", precision="fp32", v_pred=None) as bundle:
         result = check_lora(args.lora, bundle, size_px=args.size, prompt=args.prompt, images_dir=args.images)
     text = json.dumps(result, indent=2, default=str)
+    print(summary_line(result))  # the answer first; the full report follows
     print(text)
     for line in result["report_lines"]:
         print(line)

@@ -176,6 +176,8 @@ class TqdmSink:
                 post["epoch"] = f"{event.epoch}/{event.epochs}" if event.epochs else event.epoch
             self._bar.set_postfix(post, refresh=False)
             self._bar.refresh()
+            if event.step >= event.total:
+                self.close()  # finished: later lines (saving, effect) must not redraw the bar under them
         elif isinstance(event, PreviewEvent):
             writer = self._bar.write if self._bar is not None else (lambda s: print(s, file=self.file))
             writer(f"preview (step {event.step}, {event.seconds_per_image:.1f} s/image): {event.path}")

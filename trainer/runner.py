@@ -105,6 +105,8 @@ def run_job(
         "seed": seed,
         "mode": settings.mode,
         "report": outcome.report,
+        # where this run's CSV log(s) and preview folder are: logs/<day>/<name>-<stamp>*
+        "log_folder": str(Path(logs_root) / stamp[:8]) if logs_root is not None else None,
         "files": [str(p) for p, _ in outcome.saved],
         "snapshot": str(snapshot) if snapshot else None,
         "resume_state": str(out.states[-1]) if out.states else None,
@@ -118,11 +120,16 @@ def _vram_watch(settings, bundle, events: Events):
     """Log the VRAM estimate (one line) and, on CUDA, watch step times for spilling (trainer/vram.py)."""
     from trainer.vram import SpillWatch, estimate_vram
 
+    device = getattr(getattr(bundle, "device", None), "type", "")
     try:
-        events.info(estimate_vram(settings, bundle).line())
+        estimate = estimate_vram(settings, bundle)
+        # "Estimated VRAM" on a CPU run reads as a claim about this machine; say what the figure means
+        events.info(estimate.line() if device == "cuda" else
+                    f"On a GPU this run would need about {estimate.total_gb:.1f} GB of VRAM "
+                    f"(this run is on {device or 'the host device'})")
     except (AttributeError, TypeError, ValueError) as err:  # a host bundle without counts: no estimate, no failure
         events.info(f"no VRAM estimate for this model ({err})")
-    if getattr(getattr(bundle, "device", None), "type", "") != "cuda":
+    if device != "cuda":
         return None
     watch = SpillWatch(events.warning)
     events.add(watch)
@@ -140,7 +147,7 @@ def _message(result: dict[str, Any]) -> str:
     if status == "stopped":
         return "Stopped" + (f". Last saved to {path}" if path else "") + tail
     if status == "saved_stop":
-        return f"Stopped. Successfully created to {path}{tail}"
+        return f"Stopped and saved the LoRA to {path}{tail}"
     if not path:
         return "Done (nothing saved)" + tail
-    return f"Successfully created to {path}{tail}"
+    return f"Done. LoRA saved to {path}{tail}"

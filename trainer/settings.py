@@ -26,6 +26,16 @@ MODES: tuple[str, ...] = ("LoRA", "iLECO", "Difference", "ADDifT", "Multi-ADDifT
 PASS2_KEY = "2nd pass"
 SECTIONS: tuple[str, ...] = ("required", "optional", "job", "pass2")
 WIDGETS: tuple[str, ...] = ("dropdown", "text", "checkbox", "checkboxgroup", "textarea", "image")
+# Where a field sits in the tab. "job" (mode, model, prompts, images), "inputs" (the mode's data fields) and
+# "basics" (steps, batch, LR, rank, size) are always on the first screen; the others are the closed
+# groups of optional settings, titled as a practitioner thinks of them, in this order.
+GROUPS: dict[str, str] = {
+    "job": "Job", "inputs": "Inputs", "basics": "Basics",
+    "dataset": "Dataset & captions", "network": "Network", "optimizer": "Optimizer & schedule",
+    "noise": "Noise & loss", "saving": "Saving & resume", "previews": "Previews", "advanced": "Advanced",
+    "pass2": "2nd pass",
+}
+OPTIONAL_GROUPS: tuple[str, ...] = ("dataset", "network", "optimizer", "noise", "saving", "previews", "advanced")
 
 _ALL = frozenset(MODES)
 _LORA = frozenset({"LoRA"})
@@ -85,7 +95,8 @@ class Field:
         section: ``required``, ``optional``, ``job`` or ``pass2``.
         column: UI column 1..3 inside its section.
         widget: ``dropdown``, ``text``, ``checkbox``, ``checkboxgroup``, ``textarea`` or ``image``.
-        label: UI label (the key with ``_`` -> space unless given).
+        label: UI label in words ("Learning rate"); the exact key is shown in the help.
+        group: where the tab shows it, one of :data:`GROUPS`.
         help: effect · trade-off · typical value.
         minimum, maximum: the legal range of a number (None = unbounded on that side); ``validate`` enforces
             it in the modes the field applies to, the README and the tab show it.
@@ -109,6 +120,7 @@ class Field:
     maximum: float | None = None
     above: bool = False
     range_hint: str = ""
+    group: str = "advanced"
     attr: str = field(init=False)
 
     def __post_init__(self) -> None:
@@ -116,6 +128,7 @@ class Field:
         if not self.label:
             object.__setattr__(self, "label", self.key.replace("_", " "))
         assert self.section in SECTIONS and self.widget in WIDGETS and 1 <= self.column <= 3, self.key
+        assert self.group in GROUPS, self.key
 
     @property
     def range_text(self) -> str:
@@ -169,303 +182,324 @@ FIELDS: tuple[Field, ...] = (
     _req(1, "network_type", str, "lierla",
          "Adapter family. lierla: attention/linear layers only; c3lier adds 3x3 convs (more capacity, bigger "
          "file); loha/lokr (LyCORIS) are more expressive per parameter; dora adds a learned magnitude. Typical: lierla.",
-         choices=NETWORK_TYPES, **_DD, **_D2),
+         choices=NETWORK_TYPES, **_DD, **_D2, label="Network type", group="network"),
     _req(1, "network_rank", int, 16,
          "Rank of each adapter. Higher learns more detail but overfits sooner and grows the file. "
          "Typical: 16 for LoRA, 4 for iLECO/ADDifT.", choices=RANKS, **_DD, **_D2,
-         **_range(1, 1024, hint="use e.g. 16 (the file grows with the rank: 1024 is already hundreds of MB)")),
+         **_range(1, 1024, hint="use e.g. 16 (the file grows with the rank: 1024 is already hundreds of MB)"), label="Rank", group="basics"),
     _req(1, "network_alpha", float, 8.0,
          "Scale = alpha / rank. Lower alpha damps updates (pair with a higher learning rate). Typical: half the rank.",
-         choices=ALPHAS, **_DD, **_D2, **_range(0, 1024, above=True, hint="use e.g. half the rank")),
+         choices=ALPHAS, **_DD, **_D2, **_range(0, 1024, above=True, hint="use e.g. half the rank"), label="Alpha", group="network"),
     _req(1, "lora_data_directory", str, "",
-         "Folder of training images (searched recursively, captions from .txt/.caption). Used by LoRA and "
-         "Multi-ADDifT; shown but unused in Difference.", modes=_DATA),
+         "Folder of training images (searched recursively, captions from .txt/.caption beside each image). "
+         "LoRA and Multi-ADDifT.", modes=_DATASET, label="Image folder", group="inputs"),
     _req(1, "diff_target_name", str, "",
          "Multi-ADDifT pairing suffix: 'cat.png' pairs with 'cat<suffix>.png' as its target. Required in that mode. "
-         "Example: _after.", modes=frozenset({"Multi-ADDifT"})),
+         "Example: _after.", modes=frozenset({"Multi-ADDifT"}), label="Target file suffix", group="inputs"),
     _req(1, "lora_trigger_word", str, "",
          "Word put before every caption. In ADDifT, leaving it empty also drops BASE (text encoder) from the blocks.",
-         modes=frozenset({"LoRA", "Difference", "ADDifT", "Multi-ADDifT"})),
+         modes=frozenset({"LoRA", "Difference", "ADDifT", "Multi-ADDifT"}), label="Trigger word", group="inputs"),
     # -- required, column 2
     _req(2, "image_size(height, width)", tuple, "512",
          "'N' or 'height,width' in pixels (multiples of 8). LoRA/Multi-ADDifT: largest bucket. iLECO: size of "
          "the one noise latent drawn once and reused at every step, kept in the given orientation. Typical: "
-         "512 (SD1), 1024 (SDXL).", modes=frozenset({"LoRA", "iLECO", "Multi-ADDifT"})),
+         "512 (SD1), 1024 (SDXL).", modes=frozenset({"LoRA", "iLECO", "Multi-ADDifT"}), label="Image size", group="basics"),
     _req(2, "train_iterations", int, 1000,
          "Number of optimizer steps. More steps = stronger effect and more time. Typical: 1000 LoRA, 300-500 iLECO, "
-         "30-50 ADDifT.", **_D2, **_range(1, 10_000_000)),
+         "30-50 ADDifT.", **_D2, **_range(1, 10_000_000), label="Steps", group="basics"),
     _req(2, "train_batch_size", int, 2,
-         "Samples per step. Larger is smoother but needs more VRAM. Typical: 1-4.", **_D2, **_range(1, 1024)),
+         "Samples per step. Larger is smoother but needs more VRAM. Typical: 1-4.", **_D2, **_range(1, 1024), label="Batch size", group="basics"),
     _req(2, "train_learning_rate", float, "1e-4",
          "U-Net learning rate. Too high burns the image, too low learns nothing. Typical: 1e-4 (AdamW), "
          "1.0 (Prodigy/D-Adaptation).", **_D2,
-         **_range(0, 10, above=True, hint="use e.g. 1e-4 (AdamW) or 1.0 (Prodigy/D-Adaptation)")),
+         **_range(0, 10, above=True, hint="use e.g. 1e-4 (AdamW) or 1.0 (Prodigy/D-Adaptation)"), label="Learning rate", group="basics"),
     # -- required, column 3
     _req(3, "train_optimizer", str, "AdamW",
          "Optimizer. AdamW is the safe default; 8bit variants save VRAM (bitsandbytes); Prodigy/D-Adaptation pick "
          "the step size themselves (use lr 1.0); ScheduleFree ignore the LR scheduler. Names are case-insensitive.",
-         choices=OPTIMIZERS, **_DD, **_D2),
+         choices=OPTIMIZERS, **_DD, **_D2, label="Optimizer", group="optimizer"),
     _req(3, "train_optimizer_settings", dict, "",
          "Extra optimizer arguments, one name=value per line or ';'-separated, Python literals only. "
-         "Example: weight_decay=0.01; betas=(0.9,0.99). Quote strings: name='x'.", **_D2),
+         "Example: weight_decay=0.01; betas=(0.9,0.99). Quote strings: name='x'.", **_D2, label="Optimizer arguments", group="optimizer"),
     _req(3, "train_lr_scheduler", str, "cosine",
          "How the learning rate changes over the run. cosine decays to 0; constant keeps it; the torch ones "
          "(cosine_annealing, step, ...) take their arguments from the scheduler settings. Typical: cosine.",
-         choices=SCHEDULERS, **_DD, **_D2),
+         choices=SCHEDULERS, **_DD, **_D2, label="LR schedule", group="optimizer"),
     _req(3, "train_lr_scheduler_settings", dict, "",
          "Extra scheduler arguments as name=value literals, e.g. eta_min=1e-5 for cosine_annealing or "
-         "milestones=[100,200] for multi_step. Leave empty for the diffusers schedulers.", **_D2),
+         "milestones=[100,200] for multi_step. Leave empty for the diffusers schedulers.", **_D2, label="Schedule arguments", group="optimizer"),
     _req(3, "save_lora_name", str, "",
-         "Output file name without extension; also names the CSV log and settings snapshot. Empty -> 'untitled'."),
+         "Output file name without extension; also names the CSV log and settings snapshot. Empty -> 'untitled'.", label="LoRA name", group="inputs"),
     _req(3, "use_gradient_checkpointing", bool, False,
          "Recompute activations in backward: much less VRAM, about 20-30% slower. Turn on for SDXL on small GPUs.",
-         **_CH, **_D2),
+         **_CH, **_D2, label="Gradient checkpointing (less VRAM)", group="advanced"),
     _req(1, "network_blocks(BASE = TextEncoder)", tuple, list(BLOCK_IDS),
          "U-Net blocks that get adapters; BASE adds text-encoder adapters (only useful in LoRA mode). Fewer blocks "
          "= more targeted effect, smaller file. Blocks a family lacks (IN09 on SDXL) are ignored.",
-         choices=BLOCK_IDS, widget="checkboxgroup", **_D2),
+         choices=BLOCK_IDS, widget="checkboxgroup", **_D2, label="Blocks to train (BASE = text encoder)", group="network"),
     # -- optional, column 1
     _opt(1, "network_resume", str, "",
          "Path of an existing LoRA to start from (same type and rank). Ignored in iLECO. Empty = fresh adapters.",
-         modes=_DATA),
+         modes=_DATA, label="Start from LoRA file", group="saving"),
     _opt(1, "network_strength", float, 1.0,
          "Scales the saved weights by this factor (each of up/down by its square root), so the LoRA at weight "
          "1.0 acts like strength x (> 0; dora: 1 only). Typical: 1; ADDifT style presets use 2-5.", **_D2,
-         **_range(0, 100, above=True)),
+         **_range(0, 100, above=True), label="Strength of the saved LoRA", group="network"),
     _opt(1, "network_conv_rank", int, 0,
          "Rank of 3x3 conv adapters (c3lier/loha/lokr). 0 = same as network rank.",
-         choices=(0,) + RANKS, **_DD, **_D2, **_range(0, 1024)),
+         choices=(0,) + RANKS, **_DD, **_D2, **_range(0, 1024), label="Conv rank", group="network"),
     _opt(1, "network_conv_alpha", float, 0.0,
          "Alpha of 3x3 conv adapters. 0 = same as network alpha.", choices=(0.0,) + ALPHAS, **_DD, **_D2,
-         **_range(0, 1024)),
+         **_range(0, 1024), label="Conv alpha", group="network"),
     _opt(1, "network_element", str, "Full",
          "Which sub-layers of attention blocks get adapters (lierla/c3lier): Full, CrossAttention (prompt "
          "response, good for concepts) or SelfAttention (layout/style). Empty means Full.",
-         choices=ELEMENTS, **_DD, **_D2),
+         choices=ELEMENTS, **_DD, **_D2, label="Attention layers", group="network"),
     _opt(1, "network_train_text_encoder", bool, False,
          "No effect (kept so reference presets load). The text encoder is trained by ticking BASE in network blocks.",
-         modes=_ILECO, **_CH),
+         modes=_ILECO, **_CH, label="Train text encoder (no effect)", group="network"),
     _opt(1, "image_buckets_step", int, 256,
          "Grid step of the aspect-ratio buckets in pixels. Smaller = closer fit to each image, more buckets "
-         "(smaller batches). Typical: 64-256.", choices=BUCKET_STEPS, modes=_DATA, **_DD),
+         "(smaller batches). Typical: 64-256.", choices=BUCKET_STEPS, modes=_DATASET, **_DD, label="Bucket step", group="dataset"),
     _opt(1, "image_num_multiply", int, 1,
-         "Repeat every image this many times per epoch; balances small datasets. Typical: 1.", modes=_DATA,
-         **_range(1, 1000)),
+         "Repeat every image this many times per epoch; balances small datasets. Typical: 1.", modes=_DATASET,
+         **_range(1, 1000), label="Repeats per image", group="dataset"),
     _opt(1, "image_min_length", int, 512,
-         "Smallest bucket side in pixels. Typical: 512 (SD1), 768-1024 (SDXL).", modes=_DATA,
-         **_range(0, 8192, above=True)),
+         "Smallest bucket side in pixels. Typical: 512 (SD1), 768-1024 (SDXL).", modes=_DATASET,
+         **_range(0, 8192, above=True), label="Smallest bucket side", group="dataset"),
     _opt(1, "image_max_ratio", float, 2.0,
-         "Largest bucket aspect ratio; wider images are cropped. Typical: 2.", modes=_DATA, **_range(1, 16)),
+         "Largest bucket aspect ratio; wider images are cropped. Typical: 2.", modes=_DATASET, **_range(1, 16), label="Largest aspect ratio", group="dataset"),
     _opt(1, "sub_image_num", int, 0,
          "Extra down-scaled copies of each image (teaches scale invariance, more steps per epoch). Typical: 0.",
-         modes=_DATA, **_range(0, 16)),
+         modes=_DATASET, **_range(0, 16), label="Down-scaled copies", group="dataset"),
     _opt(1, "image_mirroring", bool, False,
          "Also train on horizontally flipped copies. Doubles data; wrong for asymmetric subjects (text, logos).",
-         modes=_DATA, **_CH),
+         modes=_DATASET, **_CH, label="Mirror images", group="dataset"),
     _opt(1, "image_use_filename_as_tag", bool, False,
-         "Caption = trigger word + tags taken from the file name (when no caption file exists).", modes=_DATA, **_CH),
+         "Caption = trigger word + tags taken from the file name (when no caption file exists).", modes=_DATASET, **_CH, label="File name as caption", group="dataset"),
     _opt(1, "image_disable_upscale", bool, False,
          "Skip images smaller than their bucket instead of upscaling them (no blurry upscales, fewer images).",
-         modes=_DATA, **_CH),
+         modes=_DATASET, **_CH, label="Skip small images", group="dataset"),
     _opt(1, "train_fixed_timsteps_in_batch", bool, False,
          "Use one timestep for the whole batch (LoRA, Difference). Lower-variance comparisons, noisier gradient "
-         "over time. Ignored by iLECO.", label="train fixed timesteps in batch", **_CH, **_D2),
+         "over time. Ignored by iLECO.", label="One timestep per batch", **_CH, **_D2, group="noise"),
     # -- optional, column 2
     _opt(2, "train_textencoder_learning_rate", float, "",
          "Learning rate of text-encoder adapters (BASE). Empty or 0 = same as the U-Net rate. Typical: empty or "
-         "half the U-Net rate.", modes=_LORA),
+         "half the U-Net rate.", modes=_LORA, label="Text encoder learning rate", group="optimizer"),
     _opt(2, "train_seed", int, -1,
-         "Random seed for noise, timesteps and shuffling; -1 draws a new one (recorded in the LoRA).", **_D2),
+         "Random seed for noise, timesteps and shuffling; -1 draws a new one (recorded in the LoRA).", **_D2, label="Seed", group="advanced"),
     _opt(2, "train_min_timesteps", int, 0,
          "Lowest diffusion timestep sampled (inclusive, 0-1000). Raising it trains composition rather than detail.",
-         **_D2, **_range(0, 1000)),
+         **_D2, **_range(0, 1000), label="Lowest timestep", group="noise"),
     _opt(2, "train_max_timesteps", int, 1000,
          "Highest timestep sampled (exclusive, 1-1000). Lowering it trains fine detail/style. ADDifT: 500-1000 for "
-         "actions, 200-400 for style.", **_D2, **_range(0, 1000)),
+         "actions, 200-400 for style.", **_D2, **_range(0, 1000), label="Highest timestep", group="noise"),
     _opt(2, "train_loss_function", str, "MSE",
          "Loss between prediction and target. MSE is standard; L1/Smooth-L1 are less sensitive to outliers.",
-         choices=LOSSES, **_DD, **_D2),
+         choices=LOSSES, **_DD, **_D2, label="Loss function", group="noise"),
     _opt(2, "train_lr_step_rules", str, "",
-         "piecewise_constant only: 'factor:step,...,final', e.g. 1:100,0.1:200,0.01.", **_D2),
+         "piecewise_constant only: 'factor:step,...,final', e.g. 1:100,0.1:200,0.01.", **_D2, label="Step rules (piecewise_constant)", group="optimizer"),
     _opt(2, "train_lr_warmup_steps", int, 0,
          "Steps of linear warm-up from lr 0, for every scheduler but constant and piecewise_constant (as kohya); "
          "torch schedulers (cosine_annealing, …) run over the steps after it. Stabilises the first steps. "
-         "Typical: 0-100.", **_D2, **_range(0)),
+         "Typical: 0-100.", **_D2, **_range(0), label="Warm-up steps", group="optimizer"),
     _opt(2, "train_lr_scheduler_num_cycles", int, 1,
-         "Restarts of cosine_with_restarts. Typical: 1.", **_D2, **_range(0)),
+         "Restarts of cosine_with_restarts. Typical: 1.", **_D2, **_range(0), label="Restart cycles", group="optimizer"),
     _opt(2, "train_lr_scheduler_power", float, 1.0,
-         "Exponent of the polynomial scheduler; 1 = linear decay.", **_D2, **_range(0)),
+         "Exponent of the polynomial scheduler; 1 = linear decay.", **_D2, **_range(0), label="Polynomial power", group="optimizer"),
     _opt(2, "train_snr_gamma", float, 5.0,
          "Min-SNR loss weighting gamma: down-weights easy low-noise steps for faster convergence. <= 0 disables. "
-         "Typical: 5.", **_D2),
+         "Typical: 5.", **_D2, label="Min-SNR gamma", group="noise"),
     _opt(2, "save_per_steps", int, 0,
-         "Also save a step-numbered LoRA every N steps (0 = only at the end).", **_D2, **_range(0)),
+         "Also save a step-numbered LoRA every N steps (0 = only at the end).", **_D2, **_range(0), label="Save every N steps", group="saving"),
     _opt(2, "diff_alt_ratio", float, 1.0,
          "ADDifT: weight of the reverse (target->original) pass. 0 = no reverse pass (every step trains "
          "original->target). Negative switches to noise-latent regularisation. Typical: 1.", modes=_ADDIFT,
-         **_range(-100, 100)),
+         **_range(-100, 100), label="Reverse pass weight", group="noise"),
     _opt(2, "diff_revert_original_target", bool, False,
-         "ADDifT: swap original and target images (learn the opposite change).", modes=_ADDIFT, **_CH),
+         "ADDifT: swap original and target images (learn the opposite change).", modes=_ADDIFT, **_CH, label="Swap original and target", group="dataset"),
     _opt(2, "diff_use_diff_mask", bool, False,
          "ADDifT: restrict the loss to the masked (alpha) area so only the changed region is learned.",
-         modes=_ADDIFT, **_CH),
+         modes=_ADDIFT, **_CH, label="Learn only the masked area", group="noise"),
     # -- optional, column 3
     _opt(3, "train_model_precision", str, "fp16",
          "Dtype of the frozen U-Net/text encoder and the autocast mode. fp16/bf16 halve VRAM; bf16 is safer on "
          "cards that support it; int8 quantises weights (torchao). model = fp16. One value per job (the model is "
          "loaded once): Difference pass 2 uses pass 1's.",
-         choices=MODEL_PRECISIONS, **_DD),
+         choices=MODEL_PRECISIONS, **_DD, label="Model precision", group="advanced"),
     _opt(3, "train_lora_precision", str, "fp32",
-         "Dtype of the trainable adapters. fp32 is the stable choice.", choices=LORA_PRECISIONS, **_DD, **_D2),
+         "Dtype of the trainable adapters. fp32 is the stable choice.", choices=LORA_PRECISIONS, **_DD, **_D2, label="LoRA precision (training)", group="advanced"),
     _opt(3, "save_precision", str, "fp16",
-         "Dtype of the saved tensors. fp16 halves the file; model = fp16.", choices=SAVE_PRECISIONS, **_DD, **_D2),
+         "Dtype of the saved tensors. fp16 halves the file; model = fp16.", choices=SAVE_PRECISIONS, **_DD, **_D2, label="Saved file precision", group="saving"),
     _opt(3, "train_VAE_precision", str, "fp32",
          "Dtype of the VAE while encoding the training images (and decoding previews). fp32 avoids the SDXL VAE's "
          "fp16 NaNs; bf16/fp16 save VRAM (fp16 is fp32 on CPU). Images are encoded before pass 1, so pass 2 has "
          "none of its own. Web-UI: its own VAE as it is loaded (--no-half-vae).",
-         choices=LORA_PRECISIONS, **_DD),
+         choices=LORA_PRECISIONS, **_DD, label="VAE precision", group="advanced"),
     _opt(3, "diff_load_1st_pass", str, "",
          "Difference: LoRA file name (searched in the LoRA folder) to use as the copier instead of training "
-         "pass 1. Saves time when reusing the same image pair.", modes=_DIFF),
+         "pass 1. Saves time when reusing the same image pair.", modes=_DIFF, label="Reuse copier LoRA", group="saving"),
     _opt(3, "diff_save_1st_pass", bool, False,
-         "Difference: also save the copier as <name>_copy.safetensors.", modes=_DIFF, **_CH),
+         "Difference: also save the copier as <name>_copy.safetensors.", modes=_DIFF, **_CH, label="Also save the copier", group="saving"),
     _opt(3, "diff_1st_pass_only", bool, False,
-         "Difference: stop after pass 1 and save the copier.", modes=_DIFF, **_CH),
+         "Difference: stop after pass 1 and save the copier.", modes=_DIFF, **_CH, label="Stop after the copier", group="saving"),
     _opt(3, "logging_save_csv", bool, True,
-         "Write a per-step loss/LR CSV (logs/<date>/). It also feeds the live loss plot, so keep it on.", **_CH),
+         "Write a per-step loss/LR CSV (logs/<date>/). It also feeds the live loss plot, so keep it on.", **_CH, label="Write loss log (CSV)", group="saving"),
     _opt(3, "logging_verbose", bool, False,
          "Print extra detail: file, caption and bucket counts of the dataset, and every adapted module name.",
-         **_CH),
+         **_CH, label="Verbose log", group="advanced"),
     _opt(3, "save_overwrite", bool, False,
          "Allow overwriting an existing LoRA of the same name. Off: a job refuses to start when its files exist, and "
-         "a name taken while it trained gets _1, _2... (no LoRA is ever replaced). One value per job.", **_CH),
+         "a name taken while it trained gets _1, _2... (no LoRA is ever replaced). One value per job.", **_CH, label="Overwrite an existing LoRA", group="saving"),
     _opt(3, "save_as_json", bool, False,
-         "Write these settings to json/<date>/<name>-<time>.json when a run starts (a run history).", **_CH),
+         "Write these settings to json/<date>/<name>-<time>.json when a run starts (a run history).", **_CH, label="Save settings history", group="saving"),
     _opt(3, "model_v_pred", bool, False,
-         "Train against the v-prediction target. Tick for v models (SD2-768, v-pred SDXL finetunes).", **_CH),
+         "Train against the v-prediction target. Tick for v models (SD2-768, v-pred SDXL finetunes).", **_CH, label="v-prediction model", group="advanced"),
     _f("use_2nd_pass_settings", bool, False,
        "Difference: use the values of this accordion for pass 2. Off = pass 2 repeats the pass-1 settings.",
-       modes=_DIFF, section="pass2", **_CH, **_D2),
+       modes=_DIFF, section="pass2", **_CH, **_D2, label="Use these settings for pass 2", group="pass2"),
     # -- our additions
     _opt(1, "image_cache_latents_to_disk", bool, False,
          "Cache VAE latents next to the images (.npz) and reuse them on the next run. Saves VRAM and time on "
-         "large datasets; stale if images change.", modes=frozenset({"LoRA", "Multi-ADDifT"}), **_CH),
+         "large datasets; stale if images change.", modes=frozenset({"LoRA", "Multi-ADDifT"}), **_CH, label="Cache latents to disk", group="dataset"),
     _opt(1, "train_resume_state", str, "",
          "Path of a full resume state file (adapters + optimizer + step) to continue an interrupted run exactly. "
-         "Empty = start fresh."),
+         "Empty = start fresh.", label="Resume state file", group="saving"),
     _opt(1, "save_resume_state", bool, True,
          "Write a resume state (adapters, optimizer, step, noise and data position) with every step, epoch and "
          "stop save, into logs/<date>/<name>-<time>/resume/, never beside the LoRA (Web-UIs would list it as "
          "one). Each is 3-6x the LoRA's size; off saves the disk but a stopped run cannot continue exactly.",
-         **_CH),
+         **_CH, label="Save resume states", group="saving"),
     _opt(2, "train_max_grad_norm", float, 0.0,
-         "Clip the gradient norm to this value; guards against loss spikes. 0 = off. Typical: 1.", **_D2, **_range(0)),
+         "Clip the gradient norm to this value; guards against loss spikes. 0 = off. Typical: 1.", **_D2, **_range(0), label="Gradient clipping", group="optimizer"),
     _opt(3, "train_compile", bool, False,
-         "torch.compile the U-Net: faster steps after a slow first step; not on every platform.", **_CH),
+         "torch.compile the U-Net: faster steps after a slow first step; not on every platform.", **_CH, label="torch.compile", group="advanced"),
     _opt(3, "train_full_bf16", bool, False,
          "Keep the adapters in bf16 as well: less VRAM, slightly less precise updates. Needs bf16 hardware.",
-         **_CH),
+         **_CH, label="Full bf16", group="advanced"),
     _opt(3, "save_sidecar_json", bool, True,
-         "Write A1111's <name>.json card sidecar (activation text, preferred weight) next to the LoRA.", **_CH),
+         "Write A1111's <name>.json card sidecar (activation text, preferred weight) next to the LoRA.", **_CH, label="Write Web-UI card (.json)", group="saving"),
     _opt(3, "ileco_fixed_noise", bool, False,
          "iLECO: train on one noise latent drawn once for the whole run (the reference's behaviour). Off "
          "(default): fresh noise every step, same cost, and it carries over to noise it never saw: on held-out "
          "noise (tiny SD1, red->blue, rank 8, lr 1e-3) fresh noise closed 93%/95% of the gap after 150/300 "
-         "steps, fixed noise 71%/74%.", modes=_ILECO, **_CH),
+         "steps, fixed noise 71%/74%.", modes=_ILECO, **_CH, label="One fixed noise latent", group="noise"),
     _opt(3, "effect_check", bool, True,
          "After training, the report card: efficacy (did it learn, on held-out noise), specificity (did "
          "neighbour prompts stay put) and health (NaN, no change, exploded weights), with a verdict and the "
-         "setting to change. A NaN LoRA is not saved. Costs a few dozen forward passes.", label="report card", **_CH),
+         "setting to change. A NaN LoRA is not saved. Costs a few dozen forward passes.", **_CH, label="Report card after training", group="advanced"),
     _opt(3, "report_neighbours", str, "",
          "Report card: prompts the LoRA should leave alone, one per line; their drift is reported relative "
          "to the LoRA's own move. Empty = a small built-in set (plus, in LoRA mode, dataset captions without "
-         "the trigger word).", **_TA),
+         "the trigger word).", **_TA, label="Report card neighbours", group="advanced"),
     # -- practitioners' controls (kohya names where kohya has the setting)
     _opt(1, "reg_data_directory", str, "",
          "Folder of regularization (class) images, kohya style: each epoch mixes one reg image per training "
          "image into the same-bucket batches, their loss weighted by prior_loss_weight. Keeps the model's "
-         "general answer for the class. Empty = none. Subfolders may be named N_name for N repeats.", modes=_LORA),
+         "general answer for the class. Empty = none. Subfolders may be named N_name for N repeats.", modes=_LORA, label="Regularization folder", group="dataset"),
     _opt(1, "reg_num_multiply", int, 1,
          "Repeats of every regularization image in the reg pool (the pool is cycled so each epoch takes as many "
-         "reg samples as there are training samples). Typical: 1.", modes=_LORA, **_range(1, 1000)),
+         "reg samples as there are training samples). Typical: 1.", modes=_LORA, **_range(1, 1000), label="Regularization repeats", group="dataset"),
     _opt(1, "prior_loss_weight", float, 1.0,
          "Loss weight of regularization samples (kohya's prior-preservation weight). Typical: 1.", modes=_LORA,
-         **_range(0)),
+         **_range(0), label="Regularization loss weight", group="dataset"),
     _opt(1, "train_epochs", int, 0,
          "Train this many epochs instead of train_iterations (steps = epochs x batches per epoch, shown before the "
          "run). An epoch sees every image x its repeats once. 0 = use train_iterations.", modes=_DATASET,
-         **_range(0, 100_000)),
+         **_range(0, 100_000), label="Epochs (instead of steps)", group="dataset"),
     _opt(1, "save_every_n_epochs", int, 0,
          "Also save <name>_epochN every N epochs, to find where the LoRA starts to overfit. 0 = off.",
-         modes=_DATASET, **_range(0)),
+         modes=_DATASET, **_range(0), label="Save every N epochs", group="saving"),
     _opt(1, "shuffle_caption", bool, False,
          "Shuffle the caption's tags (split on caption_separator) every time an image is used, so no tag "
          "order is learned. The trigger word and the first keep_tokens tags stay in place.",
-         modes=_DATASET, **_CH),
+         modes=_DATASET, **_CH, label="Shuffle caption tags", group="dataset"),
     _opt(1, "caption_separator", str, ",",
-         "What separates tags in captions (for shuffling and tag dropout). Typical: ','.", modes=_DATASET),
+         "What separates tags in captions (for shuffling and tag dropout). Typical: ','.", modes=_DATASET, label="Tag separator", group="dataset"),
     _opt(1, "keep_tokens", int, 0,
          "The first N tags (after the trigger word) are never shuffled or dropped. Typical: 1-2 for a character "
-         "name kept up front.", modes=_DATASET, **_range(0)),
+         "name kept up front.", modes=_DATASET, **_range(0), label="Tags kept in front", group="dataset"),
     _opt(1, "caption_dropout_rate", float, 0.0,
          "Chance that a sample's whole caption is replaced by the empty prompt (teaches the unconditional answer, "
-         "helps CFG). 0-1. Typical: 0-0.1.", modes=_DATASET, **_range(0, 1)),
+         "helps CFG). 0-1. Typical: 0-0.1.", modes=_DATASET, **_range(0, 1), label="Caption dropout", group="dataset"),
     _opt(1, "caption_tag_dropout_rate", float, 0.0,
          "Chance that each tag (outside the kept ones) is dropped from a sample's caption. 0-1. Typical: 0-0.1.",
-         modes=_DATASET, **_range(0, 1)),
+         modes=_DATASET, **_range(0, 1), label="Tag dropout", group="dataset"),
     _opt(1, "masked_loss", bool, False,
          "Weight the loss per pixel by the image's alpha channel or a <name>_mask.png beside it (white = learn, "
          "black = ignore), so backgrounds are not learned. Images without a mask count everywhere. As kohya, the "
          "loss is averaged over all pixels, so a mask covering a quarter of the image gives a quarter of the loss.",
-         modes=_LORA, **_CH),
+         modes=_LORA, **_CH, label="Masked loss", group="noise"),
     _opt(2, "clip_skip", int, 1,
          "Condition on the text encoder's N-th layer from the end, then its final norm (kohya's clip_skip, "
          "A1111's 'Clip skip'): 1 = last layer, 2 = penultimate (what NAI-style anime SD1 models expect). SD2's "
          "encoder already is OpenCLIP's penultimate layer, so 1 there; SDXL ignores it. In the Web-UI its own "
-         "Clip skip option applies. Typical: 1, or 2 for anime SD1 models.", **_range(1, 12, hint="1, or 2 for anime SD1 models")),
+         "Clip skip option applies. Typical: 1, or 2 for anime SD1 models.", **_range(1, 12, hint="1, or 2 for anime SD1 models"), label="CLIP skip", group="advanced"),
     _opt(2, "noise_offset", float, 0.0,
          "Add a per-channel constant of this size to the training noise so the LoRA can learn very dark and "
-         "bright images. Typical: 0.03-0.1; 0 = off.", modes=_NOISED, **_D2, **_range(0, 1)),
+         "bright images. Typical: 0.03-0.1; 0 = off.", modes=_NOISED, **_D2, **_range(0, 1), label="Noise offset", group="noise"),
     _opt(2, "multires_noise_iterations", int, 0,
          "Multi-resolution (pyramid) noise levels added to the training noise; learns large-scale tone. "
-         "Typical: 6-10; 0 = off.", modes=_NOISED, **_D2, **_range(0, 16)),
+         "Typical: 6-10; 0 = off.", modes=_NOISED, **_D2, **_range(0, 16), label="Multi-res noise levels", group="noise"),
     _opt(2, "multires_noise_discount", float, 0.3,
          "Weight of each coarser multires level: level i counts discount^i (lower = weaker coarse noise), "
-         "as kohya. Typical: 0.3; 0.8 with few images.", modes=_NOISED, **_D2, **_range(0, 1, above=True)),
+         "as kohya. Typical: 0.3; 0.8 with few images.", modes=_NOISED, **_D2, **_range(0, 1, above=True), label="Multi-res noise falloff", group="noise"),
     _opt(3, "sample_every_n_steps", int, 0,
          "Render preview images every N steps (and at the end) into logs/<run>/samples/, shown live in the tab. "
-         "iLECO/Difference/ADDifT show a strip at LoRA weight -1, 0, +1. Costs time; 0 = off.", **_D2, **_range(0)),
+         "iLECO/Difference/ADDifT show a strip at LoRA weight -1, 0, +1. Costs time; 0 = off.", **_D2, **_range(0), label="Preview every N steps", group="previews"),
     _opt(3, "sample_prompts", str, "",
          "Preview prompts, one per line, with kohya options: --n negative, --w width, --h height, --s steps, "
-         "--l CFG scale, --d seed. Empty = the trigger word / Target prompt / Original prompt.", **_TA),
+         "--l CFG scale, --d seed. Empty = the trigger word / Target prompt / Original prompt.", **_TA, label="Preview prompts", group="previews"),
     _opt(3, "sample_sampler", str, "Euler",
          "Sampler of the previews (standalone: our own loop; Web-UI: its sampler of that name).",
-         choices=SAMPLE_SAMPLERS, **_DD),
+         choices=SAMPLE_SAMPLERS, **_DD, label="Preview sampler", group="previews"),
     _opt(3, "model_use_ema", bool, False,
          "Checkpoints that carry EMA weights (model_ema.* in a single file, unet_ema/ in a diffusers folder): "
          "train on the EMA copy of the U-Net. Off = the regular weights (what the Web-UI uses). "
-         "Standalone/CLI only; a note says when there is no EMA copy.", **_CH),
+         "Standalone/CLI only; a note says when there is no EMA copy.", **_CH, label="Train on EMA weights", group="advanced"),
     # -- job keys
-    _f("mode", str, "LoRA", "Training mode.", choices=MODES, section="job", label="Mode", **_DD),
-    _f("model", str, "", "Base checkpoint to train on.", section="job", label="Model", **_DD),
+    _f("mode", str, "LoRA", "Training mode.", choices=MODES, section="job", label="Mode", **_DD, group="job"),
+    _f("model", str, "", "Base checkpoint to train on.", section="job", label="Model", **_DD, group="job"),
     _f("vae", str, "", "VAE for encoding images; empty = the checkpoint's own.", section="job", column=2,
-       label="VAE", **_DD),
+       label="VAE", **_DD, group="job"),
     _f("original prompt", str, "",
        "iLECO: the concept to change. Difference/ADDifT/Multi-ADDifT: conditioning prompt for the original image "
-       "(empty = unconditional).", modes=_PROMPTED, section="job", label="Original Prompt", **_TA),
+       "(empty = unconditional).", modes=_PROMPTED, section="job", label="Original prompt", **_TA, group="job"),
     _f("target prompt", str, "",
        "iLECO: what the original prompt should turn into; empty = erase it. Other modes: conditioning for the "
-       "target image.", modes=_PROMPTED, section="job", column=2, label="Target Prompt", **_TA),
-    _f("negative prompt", str, "", "Used only by the preview Generate buttons, not in training; not saved.",
-       modes=_ILECO, section="job", column=3, label="Negative Prompt (not used in training)", **_TA),
+       "target image.", modes=_PROMPTED, section="job", column=2, label="Target prompt", **_TA, group="job"),
+    _f("negative prompt", str, "", "Negative prompt of the previews when Preview prompts is empty. Not used in training, not saved.",
+       modes=_ILECO, section="job", column=3, label="Negative prompt (previews only)", **_TA, group="job"),
     _f("original image", str, "", "Difference/ADDifT: path of the original (before) image.", modes=_IMAGES,
-       section="job", label="Original Image", widget="image"),
+       section="job", label="Original image", widget="image", group="job"),
     _f("target image", str, "", "Difference/ADDifT: path of the target (after) image, same size as the original.",
-       modes=_IMAGES, section="job", column=2, label="Target Image", widget="image"),
+       modes=_IMAGES, section="job", column=2, label="Target image", widget="image", group="job"),
 )  # fmt: skip
 
 FIELD_BY_KEY: dict[str, Field] = {f.key: f for f in FIELDS}
 FIELD_BY_ATTR: dict[str, Field] = {f.attr: f for f in FIELDS}
+
+# What the tab switches to when the Mode changes, for each value the user has not typed (the table's
+# defaults are the LoRA ones). From the reference README (§9.3-9.5, §19.1): iLECO erases in about 500
+# steps at rank 4; Difference is the copier preset (16/16, 5e-4, 500 steps); ADDifT is the action preset
+# (rank 4, alpha 1, batch 1, 30 steps, timesteps 500-1000). Multi-ADDifT sees many pairs, so it takes the
+# upper end of ADDifT's advised 30-100 steps.
+MODE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "LoRA": {},
+    "iLECO": {"network_rank": 4, "train_iterations": 500, "train_learning_rate": "5e-4"},
+    "Difference": {"network_alpha": 16.0, "train_iterations": 500, "train_learning_rate": "5e-4"},
+    "ADDifT": {"network_rank": 4, "network_alpha": 1.0, "train_iterations": 30, "train_batch_size": 1,
+               "train_min_timesteps": 500, "train_max_timesteps": 1000},
+    "Multi-ADDifT": {"network_rank": 4, "network_alpha": 1.0, "train_iterations": 100, "train_batch_size": 1,
+                     "train_min_timesteps": 500, "train_max_timesteps": 1000},
+}
+
+
+def mode_default(key: str, mode: str) -> Any:
+    """The raw default of ``key`` as the tab starts it in ``mode`` (:data:`MODE_DEFAULTS` over the table)."""
+    return MODE_DEFAULTS.get(mode, {}).get(key, FIELD_BY_KEY[key].default)
+
 _JSON_JOB_KEYS = ("mode", "model", "vae", "original prompt", "target prompt")  # negative prompt/images: not saved
 
 # Keys seen in reference files that we rename or drop: old -> (new key or None, why). One warning each.

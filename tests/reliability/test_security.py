@@ -197,8 +197,13 @@ class _FakeDemo:
     def __init__(self) -> None:
         self.kwargs: dict = {}
 
+    local_url = "http://127.0.0.1:7860/"
+
     def launch(self, **kwargs) -> None:
         self.kwargs = kwargs
+
+    def block_thread(self) -> None:  # the real one serves until Ctrl+C
+        pass
 
 
 @pytest.fixture
@@ -215,10 +220,14 @@ def launched(monkeypatch, tmp_path):
     return start
 
 
-def test_app_binds_localhost_by_default(launched):
+def test_app_binds_localhost_by_default(launched, capsys):
     code, kwargs = launched()
     assert code == 0
     assert kwargs["server_name"] == "127.0.0.1" and not kwargs["share"] and kwargs["auth"] is None
+    # our own start line, with our flag: gradio's banner ("set share=True in launch()") is silenced
+    assert kwargs["quiet"] is True
+    out = capsys.readouterr().out
+    assert "Open http://127.0.0.1:7860/" in out and "--share makes a public link" in out and "share=True" not in out
 
 
 def test_app_listen_and_auth(launched):

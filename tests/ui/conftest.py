@@ -61,13 +61,13 @@ def fake_runner(step_s: float = 0.25):
                 path = Path(host.lora_dir()) / f"{name}_{step}steps.safetensors"
                 if request == "save":
                     path.write_bytes(b"stand-in")
-                    return {"status": "saved_stop", "message": f"Stopped. Successfully created to {path}",
+                    return {"status": "saved_stop", "message": f"Stopped and saved the LoRA to {path}",
                             "lora_path": str(path), "steps": step}
                 return {"status": "stopped", "message": "Stopped", "lora_path": None, "steps": step}
         path = Path(host.lora_dir()) / f"{name}.safetensors"
         path.write_bytes(b"stand-in")
         return {"status": "done", "lora_path": str(path), "steps": total,
-                "message": f"Successfully created to {path} ({total} steps, {total * step_s:.1f} s)"}
+                "message": f"Done. LoRA saved to {path} ({total} steps, {total * step_s:.1f} s)"}
 
     return run
 

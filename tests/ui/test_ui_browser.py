@@ -13,7 +13,21 @@ from pathlib import Path
 
 import pytest
 
+from trainer.settings import OPTIONAL_GROUPS
+
 pytestmark = pytest.mark.browser
+VIEWPORT_H = 1000
+# The live loss line is really drawn: an SVG line path with a stroke and a length (gradio 5+), or a canvas
+# with a line's worth of coloured pixels (gradio 3.41/4.40 draw on a canvas; the legend alone is < 100 px).
+LINE_VISIBLE_JS = """() => { const root = document.querySelector('#tt_live_plot'); if (!root) return false;
+  for (const p of root.querySelectorAll('.mark-line path, path.mark-line')) {
+    const cs = getComputedStyle(p);
+    if (cs.stroke && cs.stroke !== 'none' && parseFloat(cs.strokeWidth) > 0 && p.getTotalLength() > 50) return true; }
+  for (const c of root.querySelectorAll('canvas')) {
+    try { const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data; let n = 0;
+      for (let i = 0; i < d.length; i += 4) { if (d[i + 3] > 0 && Math.max(d[i], d[i + 1], d[i + 2]) - Math.min(d[i], d[i + 1], d[i + 2]) > 80) n++; }
+      if (n > 400) return true; } catch (e) { } }
+  return false; }"""
 TIMEOUT_MS = 300_000
 STEPS = 120  # long enough that a 1 s poll sees the run mid-way even on a fast machine
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts" / os.environ.get("TT_ARTIFACT_TAG", "current")
@@ -23,7 +37,19 @@ def _box(page, elem_id: str):
     return page.locator(f"#{elem_id} textarea, #{elem_id} input[type=text], #{elem_id} input:not([type])").first
 
 
+def reveal(page, elem_id: str) -> None:
+    """Open the closed settings group that holds ``elem_id`` (groups start closed)."""
+    from trainer.settings import FIELD_BY_ATTR
+
+    f = FIELD_BY_ATTR.get(elem_id.removeprefix("tt_"))
+    if f is None or f.group not in OPTIONAL_GROUPS or page.locator(f"#{elem_id}").first.is_visible():
+        return
+    page.locator(f"#tt_group_{f.group}").locator(".label-wrap, button").first.click()
+    page.locator(f"#{elem_id}").first.wait_for(state="visible", timeout=10_000)
+
+
 def fill(page, elem_id: str, value: str) -> None:
+    reveal(page, elem_id)
     box = _box(page, elem_id)
     box.fill(value)
     box.press("Tab")
@@ -31,6 +57,7 @@ def fill(page, elem_id: str, value: str) -> None:
 
 def choose(page, elem_id: str, value: str) -> None:
     """Pick a dropdown value (typed; every dropdown of the tab accepts custom values)."""
+    reveal(page, elem_id)
     box = page.locator(f"#{elem_id} input").first
     box.click()
     box.fill(value)
@@ -78,6 +105,7 @@ def tiny_lora(page, app, name: str, iterations: int = 6) -> None:
     choose(page, "tt_image_buckets_step", "64")
     fill(page, "tt_image_min_length", "64")
     fill(page, "tt_save_lora_name", name)
+    reveal(page, "tt_save_overwrite")
     page.locator("#tt_save_overwrite input").check()
 
 
@@ -90,8 +118,10 @@ def test_start_training_shows_progress_and_result(page, app):
         "() => { const s = document.querySelector('.tt-progress:not(.tt-finished) #tt_step_text');"
         " return s && /step \\d+ \\//.test(s.textContent); }", timeout=TIMEOUT_MS)
     first = page.locator("#tt_step_text").text_content().strip()
+    page.wait_for_function(LINE_VISIBLE_JS, timeout=30_000)  # the loss line is drawn during the run...
+    assert "/ " in page.locator("#tt_step_text").text_content() and page.locator(".tt-finished").count() == 0
     shot(page, "train-progress")
-    text = wait_message(page, r"ui_lora: Successfully created to \S+ui_lora\.safetensors")
+    text = wait_message(page, r"ui_lora: Done\. LoRA saved to \S+ui_lora\.safetensors")
     assert "ui_lora.safetensors" in text
     page.wait_for_function("([t]) => document.querySelector('#tt_step_text')?.textContent.trim() === t",
                            arg=[f"step {STEPS} / {STEPS}"], timeout=30_000)
@@ -108,7 +138,7 @@ def test_preview_images_show_in_the_gallery_during_the_run(page, app):
     page.click("#tt_start")
     wait_message(page, "Started 'ui_preview'", 30_000)
     page.wait_for_function("() => document.querySelectorAll('#tt_previews img').length > 0", timeout=TIMEOUT_MS)
-    wait_message(page, "ui_preview: Successfully")
+    wait_message(page, "ui_preview: Done")
     if app["real"]:  # steps 3 and 6, newest first
         page.wait_for_function("() => document.querySelector('#tt_previews').innerText.includes('step 6')", timeout=30_000)
         record = next(r for r in app["worker"].records() if r.name == "ui_preview")
@@ -158,7 +188,7 @@ def test_stop_ends_the_running_job(page, app):
         timeout=TIMEOUT_MS)
     page.click("#tt_stop")  # confirm() is accepted by the page fixture
     text = wait_message(page, "ui_stop: Stopped")
-    assert "Successfully" not in text
+    assert "saved" not in text
     record = next(r for r in app["worker"].records() if r.name == "ui_stop")
     assert record.status == "stopped"
     assert (record.result or {}).get("steps", 400) < 400
@@ -169,7 +199,7 @@ def test_plot_tab_draws_a_log(page, app):
     if not list(app["paths"].logs_root.rglob("*.csv")):
         tiny_lora(page, app, "ui_plot", iterations=4)
         page.click("#tt_start")
-        wait_message(page, "ui_plot: Successfully")
+        wait_message(page, "ui_plot: Done")
     open_tab(page, "Plot")
     page.click("#tt_plot_refresh")
     page.wait_for_timeout(500)
@@ -189,25 +219,54 @@ def _visible(page, elem_id: str) -> bool:
     return page.locator(f"#{elem_id}").first.is_visible()
 
 
-@pytest.mark.parametrize(
-    ("mode", "shown", "hidden"),
-    [
-        ("LoRA", ["tt_lora_data_directory", "tt_image_buckets_step", "tt_train_textencoder_learning_rate"],
-         ["tt_pass2", "tt_prompts", "tt_images", "tt_diff_target_name"]),
-        ("iLECO", ["tt_prompts", "tt_original_prompt", "tt_negative_prompt"],
-         ["tt_pass2", "tt_images", "tt_lora_data_directory", "tt_image_buckets_step"]),
-        ("Difference", ["tt_pass2", "tt_images", "tt_prompts", "tt_diff_save_1st_pass"],
-         ["tt_diff_target_name", "tt_negative_prompt", "tt_diff_alt_ratio"]),
-        ("ADDifT", ["tt_images", "tt_prompts", "tt_diff_alt_ratio"], ["tt_pass2", "tt_lora_data_directory"]),
-        ("Multi-ADDifT", ["tt_diff_target_name", "tt_lora_data_directory", "tt_prompts"], ["tt_pass2", "tt_images"]),
-    ],
-)
-def test_mode_switch_shows_the_right_groups(page, mode, shown, hidden):
+def _box_of(page, elem_id: str) -> dict:
+    return page.locator(f"#{elem_id}").first.bounding_box()
+
+
+FIRST_SCREEN = {  # per mode: what must be in the first 1400x1000 screen, what must be hidden
+    "LoRA": (["tt_lora_data_directory", "tt_save_lora_name", "tt_train_iterations"],
+             ["tt_pass2", "tt_prompts", "tt_images", "tt_diff_target_name"]),
+    "iLECO": (["tt_prompts", "tt_original_prompt", "tt_negative_prompt"],
+              ["tt_pass2", "tt_images", "tt_lora_data_directory", "tt_group_dataset"]),
+    "Difference": (["tt_images", "tt_prompts"], ["tt_diff_target_name", "tt_negative_prompt", "tt_lora_data_directory"]),
+    "ADDifT": (["tt_images", "tt_prompts"], ["tt_pass2", "tt_lora_data_directory"]),
+    "Multi-ADDifT": (["tt_diff_target_name", "tt_lora_data_directory", "tt_prompts"], ["tt_pass2", "tt_images"]),
+}
+
+
+def test_first_screen_at_load(page):
+    """Title, Mode, Model, the inputs and Start in the first screen; groups closed; under two screens tall."""
+    for elem_id in ("tt_intro", "tt_mode", "tt_model", "tt_lora_data_directory", "tt_start"):
+        box = _box_of(page, elem_id)
+        assert box and box["y"] >= 0 and box["y"] + box["height"] <= VIEWPORT_H, (elem_id, box)
+    for group in OPTIONAL_GROUPS:  # every group is there (LoRA uses them all), and closed:
+        assert _visible(page, f"tt_group_{group}"), group
+    assert not page.locator("#tt_group_network #tt_network_type").first.is_visible()
+    assert not page.locator("#tt_group_optimizer #tt_train_optimizer").first.is_visible()
+    height = page.evaluate("() => document.documentElement.scrollHeight")
+    assert height < 2 * VIEWPORT_H, height
+    assert page.locator("#tt_preset input").first.input_value() == ""  # no preset claimed at load
+    shot_viewport(page, "first-screen")
+
+
+def shot_viewport(page, name: str) -> None:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"))
+
+
+@pytest.mark.parametrize("mode", list(FIRST_SCREEN))
+def test_mode_switch_shows_the_right_groups(page, mode):
+    shown, hidden = FIRST_SCREEN[mode]
     page.locator("#tt_mode label", has_text=re.compile(f"^\\s*{re.escape(mode)}\\s*$")).click()
     page.wait_for_function(
         "([ids]) => ids.every(id => { const e = document.getElementById(id); return e && e.offsetParent !== null; })",
         arg=[shown], timeout=30_000)
     for elem_id in hidden:
         assert not _visible(page, elem_id), f"{elem_id} should be hidden in {mode}"
-    if mode == "Difference":
-        shot(page, "mode-difference")
+    start = _box_of(page, "tt_start")
+    assert start["y"] + start["height"] <= VIEWPORT_H, (mode, start)  # Start stays in the first screen
+    if mode == "iLECO":  # the mode's defaults replace values nobody typed (reference README: rank 4, ~500 steps)
+        page.wait_for_function("() => document.querySelector('#tt_train_iterations input').value === '500'",
+                               timeout=10_000)
+        assert page.locator("#tt_network_rank input").first.input_value() == "4"
+    shot_viewport(page, f"mode-{mode}")

@@ -97,3 +97,33 @@ def test_narrowing_keeps_all_or_the_surviving_ticks():
 
 def test_numbers_show_as_typed():
     assert [form.format_number(v) for v in (8.0, 0.5, 16, 0.03125, "1e-4")] == ["8", "0.5", "16", "0.03125", "1e-4"]
+
+
+def test_groups_split_into_columns_of_about_equal_height():
+    for group in ("dataset", "network", "optimizer", "noise", "saving", "advanced"):
+        fields = [f for f in form.group_fields(form.pass1_fields(), group) if f.widget != "checkboxgroup"]
+        cols = form.balanced_columns(fields)
+        assert [f for c in cols for f in c] == fields  # table order kept, nothing lost
+        heights = [sum(form._height(f) for f in c) for c in cols]
+        # the tallest column is within one field of the mean (the old fixed columns ran 1,300 px apart)
+        assert max(heights) - sum(heights) / 3 <= max(form._height(f) for f in fields), (group, heights)
+
+
+def test_group_title_says_what_differs_from_the_modes_defaults():
+    keys = [f.key for f in form.group_fields(form.pass1_fields(), "network")]
+    values = {k: form.widget_value(next(f for f in FIELDS if f.key == k), next(f for f in FIELDS if f.key == k).default)
+              for k in keys}
+    values[form.BLOCKS_KEY] = form.blocks_for("sdxl", "lierla")  # all blocks a family has = the default
+    assert form.changed_in_group("network", "LoRA", values) == "Network · defaults"
+    values["network_alpha"] = "4"
+    values["network_type"] = "loha"
+    assert form.changed_in_group("network", "LoRA", values) == "Network · 2 changed: Network type loha, Alpha 4"
+    # ADDifT's alpha default is 1: 4 is still a change there, 1 is not
+    values["network_alpha"] = "1"
+    assert form.changed_in_group("network", "ADDifT", values) == "Network · 1 changed: Network type loha"
+
+
+def test_each_mode_hides_the_groups_it_does_not_use():
+    assert not form.group_visible("dataset", "iLECO")
+    assert form.group_visible("dataset", "LoRA")
+    assert not form.is_visible(next(f for f in FIELDS if f.key == "lora_data_directory"), "Difference")

@@ -150,14 +150,49 @@ def test_copy_from_pass1_keeps_use_2nd_pass_settings(built):
     assert by_key[form.BLOCKS_KEY]["value"] == choices
 
 
+def _defaults(tab: TrainTab) -> list:
+    first, _, _ = form.widget_values(Settings.from_layers({}))
+    return [first[k] for k in tab.first]
+
+
 def test_mode_switch_updates_every_dependent_widget(built):
     tab, _, _ = built
     outputs = tab._mode_outputs()
-    out = dict(zip(map(id, outputs), tab.on_mode("iLECO"), strict=True))
+    out = dict(zip(map(id, outputs), tab.on_mode("iLECO", "LoRA", *_defaults(tab)), strict=True))
     assert out[id(tab.ui["prompts"])]["visible"] is True
     assert out[id(tab.ui["images"])]["visible"] is False and out[id(tab.ui["pass2"])]["visible"] is False
     assert out[id(tab.first["lora_data_directory"])]["visible"] is False
     assert out[id(tab.first["network_rank"])]["visible"] is True
+    assert out[id(tab.ui["group_dataset"])]["visible"] is False  # iLECO has no dataset: the group goes
+    assert out[id(tab.ui["mode_now"])] == "iLECO"
+
+
+def test_mode_switch_applies_the_modes_defaults_only_where_nothing_was_typed(built):
+    tab, _, _ = built
+    outputs = tab._mode_outputs()
+    values = _defaults(tab)
+    values[list(tab.first).index("train_learning_rate")] = "3e-4"  # typed by the user
+    out = dict(zip(map(id, outputs), tab.on_mode("iLECO", "LoRA", *values), strict=True))
+    assert out[id(tab.first["network_rank"])]["value"] == "4"
+    assert out[id(tab.first["train_iterations"])]["value"] == "500"
+    assert "value" not in out[id(tab.first["train_learning_rate"])]
+    assert "value" not in out[id(tab.first["train_batch_size"])]  # iLECO keeps the table's 2
+    # the same mode again (a preset load sets mode_now first): nothing is overwritten
+    same = dict(zip(map(id, outputs), tab.on_mode("iLECO", "iLECO", *values), strict=True))
+    assert all("value" not in same[id(w)] for w in tab.first.values())
+    # and the Network group title names what now differs from iLECO's defaults
+    back = dict(zip(map(id, outputs), tab.on_mode("LoRA", "iLECO", *values), strict=True))
+    assert back[id(tab.ui["group_network"])]["label"] == "Network · defaults"
+
+
+def test_first_screen_layout_promises(built):
+    tab, demo, _ = built
+    assert tab.ui["preset"].value in (None, "", [])  # no preset name while the form holds defaults
+    for group in ("dataset", "network", "optimizer", "noise", "saving", "previews", "advanced"):
+        accordion = tab.ui[f"group_{group}"]
+        assert accordion.open is False and accordion.label.endswith("· defaults"), group
+    assert tab.first["train_learning_rate"].label == "Learning rate"
+    assert "[train_learning_rate]" in tab.first["train_learning_rate"].info
 
 
 def test_count_steps_shows_epochs_repeats_and_batches_before_a_run(built, tmp_path):
@@ -195,10 +230,35 @@ def test_poll_shows_new_previews_newest_first_and_only_on_change(built, tmp_path
         events.append(PreviewEvent(str(path), step, 1, "a cat", (-1.0, 0.0, 1.0), 0.5))
     tab.worker.preview_events = events[::-1]  # the worker hands them newest first
     out = tab.poll({}, True)
-    gallery, seen = out[-2], out[-1]
+    gallery, seen = out[GALLERY], out[-1]
     items = _update_value(gallery)
+    assert gallery["visible"] is True
     assert [caption for _, caption in items] == ["step 20 · LoRA -1 / 0 / +1 · a cat", "step 10 · LoRA -1 / 0 / +1 · a cat"]
     assert items[0][0].getpixel((0, 0)) == (0, 0, 255)
-    assert _update_value(tab.poll(seen, True)[-2]) is None  # nothing new: the gallery is left alone
+    assert _update_value(tab.poll(seen, True)[GALLERY]) is None  # nothing new: the gallery is left alone
     tab.worker.preview_events = []
-    assert _update_value(tab.poll(seen, True)[-2]) == []  # a new job: cleared
+    cleared = tab.poll(seen, True)[GALLERY]
+    assert _update_value(cleared) == [] and cleared["visible"] is False  # a new job: cleared, and out of the way
+
+
+GALLERY, QUEUE_TEXT, LOGS = 7, 8, 9  # positions in poll()'s outputs
+
+
+def test_poll_keeps_the_queue_line_and_the_plot_log_list_current(built, monkeypatch):
+    from types import SimpleNamespace as R
+
+    from trainer.csvlog import csv_path
+
+    tab, _, _ = built
+    records = [R(job_id="j1", name="a", mode="LoRA", status="running", message="", finished=None)]
+    monkeypatch.setattr(tab.worker, "records", lambda: list(records))
+    out = tab.poll({}, True)
+    assert out[QUEUE_TEXT] == "Running 'a'; nothing else waiting."
+    seen = out[-1]
+    log = csv_path(tab.logs_root, "a", "20260101_120000")
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.write_text("Step,Loss\n1,0.5\n", encoding="utf-8")
+    records[0] = R(job_id="j1", name="a", mode="LoRA", status="done", message="ok", finished=5.0, result={})
+    out = tab.poll(seen, True)
+    assert out[QUEUE_TEXT] == "Queue finished. Last job: 'a' (done)."  # not "Running the queue." forever
+    assert "20260101/a-20260101_120000.csv" in out[LOGS]["choices"]  # a log written after startup

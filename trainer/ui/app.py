@@ -118,9 +118,24 @@ def main(argv: list[str] | None = None) -> int:
     worker, host = make_worker(args, paths)
     demo, launch = build_app(worker, host, paths)
     server = "0.0.0.0" if args.listen else args.host
-    demo.launch(server_name=server, server_port=args.port, share=args.share, auth=auth,
-                allowed_paths=[str(host.lora_dir())], **launch)
+    # quiet: gradio's own banner advises "set share=True in launch()", which is wrong here (--share)
+    demo.launch(server_name=server, server_port=args.port, share=args.share, auth=auth, quiet=True,
+                prevent_thread_lock=True, allowed_paths=[str(host.lora_dir())], **launch)
+    print(startup_line(getattr(demo, "local_url", None), getattr(demo, "share_url", None), args.listen))
+    try:
+        demo.block_thread()
+    except KeyboardInterrupt:
+        pass
     return 0
+
+
+def startup_line(local_url: str | None, share_url: str | None, listen: bool) -> str:
+    """What the app prints once it serves: where to open it, and how to share it (our flags, not gradio's)."""
+    line = f"[TrainTrain] Open {local_url or 'the printed address'} in a browser. Ctrl+C stops."
+    if share_url:
+        return f"{line} Public link: {share_url}"
+    hint = "" if listen else " --listen serves your network;"
+    return f"{line}{hint} --share makes a public link."
 
 
 if __name__ == "__main__":

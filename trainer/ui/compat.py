@@ -58,9 +58,13 @@ def queue(demo: gr.Blocks) -> gr.Blocks:
     return demo.queue(default_concurrency_limit=4)
 
 
-def image(label: str, elem_id: str, visible: bool = True) -> gr.Image:
+def image(label: str, elem_id: str, visible: bool = True, height: int = 150) -> gr.Image:
     """An upload image input delivering a PIL image (``source=`` on 3.x, ``sources=`` on 4+)."""
+    import inspect
+
     kwargs: dict[str, Any] = {"label": label, "elem_id": elem_id, "type": "pil", "visible": visible}
+    if "height" in inspect.signature(gr.Image.__init__).parameters:
+        kwargs["height"] = height
     if GR_MAJOR < 4:
         kwargs["source"] = "upload"
     else:
@@ -94,14 +98,14 @@ def poll(
         demo.load(fn, inputs=inputs, outputs=outputs, every=every_s, **QUIET)
 
 
-def gallery(label: str, elem_id: str, columns: int = 4, height: int = 320) -> gr.Gallery:
+def gallery(label: str, elem_id: str, columns: int = 4, height: int = 320, visible: bool = True) -> gr.Gallery:
     """A read-only image gallery; ``columns``/``height``/``object_fit`` only where this gradio has them."""
     import inspect
 
     wanted = {"columns": columns, "height": height, "object_fit": "contain", "allow_preview": True, "interactive": False}
     accepted = inspect.signature(gr.Gallery.__init__).parameters
     extra = {k: v for k, v in wanted.items() if k in accepted}
-    return gr.Gallery(label=label, elem_id=elem_id, **extra)
+    return gr.Gallery(label=label, elem_id=elem_id, visible=visible, **extra)
 
 
 def file_path(value: Any) -> str | None:

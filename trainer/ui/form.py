@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from trainer.settings import FIELDS, MODES, PASS2_KEY, Field, Settings
+from trainer.settings import FIELDS, GROUPS, MODE_DEFAULTS, MODES, PASS2_KEY, Field, Settings, mode_default
 
 BLOCKS_KEY = "network_blocks(BASE = TextEncoder)"
 USE_PASS2_KEY = "use_2nd_pass_settings"
@@ -40,13 +40,114 @@ def job_fields() -> tuple[Field, ...]:
     return tuple(f for f in FIELDS if f.section == "job")
 
 
+def group_fields(fields: Iterable[Field], group: str) -> list[Field]:
+    """The fields of one group, table order kept."""
+    return [f for f in fields if f.group == group]
+
+
+def _height(f: Field) -> float:
+    """Rough rendered height in px (label + help lines + control), enough to balance columns."""
+    control = {"checkbox": 36, "checkboxgroup": 150, "textarea": 90}.get(f.widget, 44)
+    return 30 + control + 17 * (len(f.help) // 48 + 1)
+
+
+def balanced_columns(fields: list[Field], n: int = 3) -> list[list[Field]]:
+    """Split ``fields`` into ``n`` contiguous columns (table order kept) whose heights differ least.
+
+    Contiguous keeps related settings together; the split points minimise the tallest column.
+    """
+    heights = [_height(f) for f in fields]
+    best: tuple[float, list[int]] = (float("inf"), [])
+    count = len(fields)
+
+    def search(start: int, left: int, cuts: list[int], tallest: float) -> None:
+        nonlocal best
+        if tallest >= best[0]:
+            return
+        if left == 1:
+            last = max(tallest, sum(heights[start:]))
+            if last < best[0]:
+                best = (last, cuts)
+            return
+        for end in range(start, count + 1):
+            search(end, left - 1, [*cuts, end], max(tallest, sum(heights[start:end])))
+
+    search(0, n, [], 0.0)
+    bounds = [0, *best[1], count]
+    return [fields[bounds[i]:bounds[i + 1]] for i in range(n)]
+
+
 def columns(fields: Iterable[Field], section: str) -> dict[int, list[Field]]:
-    """The fields of ``section`` split into UI columns 1..3 (table order kept); checkbox groups excluded."""
-    out: dict[int, list[Field]] = {1: [], 2: [], 3: []}
-    for f in fields:
-        if f.section == section and f.widget != "checkboxgroup":
-            out[f.column].append(f)
+    """The fields of ``section`` in three balanced UI columns (1..3); checkbox groups excluded."""
+    chosen = [f for f in fields if f.section == section and f.widget != "checkboxgroup"]
+    return dict(enumerate(balanced_columns(chosen), 1))
+
+
+def mode_switch(old: str, new: str, current: Mapping[str, Any]) -> dict[str, Any]:
+    """Widget values to set when the Mode changes from ``old`` to ``new``.
+
+    A value still equal to ``old``'s default (the user has not typed it) moves to ``new``'s default; a
+    typed one is kept. Only keys in ``current`` are considered.
+    """
+    by_key = {f.key: f for f in FIELDS}
+    keys = {k for defaults in MODE_DEFAULTS.values() for k in defaults}
+    out = {}
+    for key in sorted(keys & set(current)):
+        f = by_key[key]
+        if same_value(f, current[key], widget_value(f, mode_default(key, old))):
+            target = widget_value(f, mode_default(key, new))
+            if not same_value(f, current[key], target):
+                out[key] = target
     return out
+
+
+def same_value(f: Field, a: Any, b: Any) -> bool:
+    """Widget values equal in meaning: ``1e-4`` == ``0.0001``, block lists as sets."""
+    if f.widget == "checkboxgroup":
+        return set(a or []) == set(b or [])
+    if f.widget == "checkbox":
+        return bool(a) == bool(b)
+    ta, tb = ("" if a is None else str(a)).strip(), ("" if b is None else str(b)).strip()
+    if ta == tb:
+        return True
+    try:
+        return float(ta) == float(tb)
+    except ValueError:
+        return False
+
+
+def changed_in_group(group: str, mode: str, values: Mapping[str, Any], limit: int = 3) -> str:
+    """The accordion title: ``Network · 2 changed: Rank 8, Alpha 4`` or ``Network · defaults``.
+
+    Compares against the mode's defaults and counts only fields shown in ``mode``.
+    """
+    by_key = {f.key: f for f in FIELDS}
+    changed = []
+    for key, value in values.items():
+        f = by_key[key]
+        if mode not in f.modes or _is_default(f, value, mode):
+            continue
+        shown = "changed" if f.widget in ("checkboxgroup", "textarea") else (
+            "on" if value is True else "off" if value is False else str(value)[:24])
+        changed.append(f"{f.label} {shown}")
+    title = GROUPS[group]
+    if not changed:
+        return f"{title} · defaults"
+    more = f", +{len(changed) - limit} more" if len(changed) > limit else ""
+    return f"{title} · {len(changed)} changed: {', '.join(changed[:limit])}{more}"
+
+
+def _is_default(f: Field, value: Any, mode: str) -> bool:
+    """Equal to the mode's default; every block a family has ticked counts as the default "all blocks"."""
+    if f.key == BLOCKS_KEY:
+        every = {frozenset(blocks_for(fam, t)) for fam in ("sd", "sdxl") for t in ("lierla", "c3lier")}
+        return frozenset(value or []) in every | {frozenset(f.default)}
+    return same_value(f, value, widget_value(f, mode_default(f.key, mode)))
+
+
+def group_visible(group: str, mode: str) -> bool:
+    """A group is shown when at least one of its fields applies to ``mode``."""
+    return any(mode in f.modes for f in FIELDS if f.group == group)
 
 
 def is_visible(f: Field, mode: str) -> bool:

@@ -36,6 +36,16 @@ def _epoch(progress: Any) -> str:
     return f"{progress.epoch} / {total}" if total else str(progress.epoch)
 
 
+def unet_lr(lrs: dict[str, float]) -> float | None:
+    """The U-Net learning rate of a step's ``{group: lr}`` (the text encoder's has its own field)."""
+    if not lrs:
+        return None
+    for name, value in lrs.items():
+        if "unet" in str(name).lower():
+            return value
+    return next(iter(lrs.values()))
+
+
 def progress_html(progress: Any, busy: bool, queued: int, note: str = "") -> str:
     """The live panel: a bar with step/total and cells for loss, EMA, LR, epoch, elapsed and ETA.
 
@@ -53,9 +63,9 @@ def progress_html(progress: Any, busy: bool, queued: int, note: str = "") -> str
     total = max(int(progress.total or 0), 1)
     pct = min(100.0, 100.0 * progress.step / total)
     passes = f" · pass {progress.pass_index}" if getattr(progress, "pass_index", 1) > 1 else ""
-    lrs = " · ".join(f"{html.escape(str(k))} {_num(v)}" for k, v in (progress.lrs or {}).items()) or "–"
+    lrs = _num(unet_lr(progress.lrs or {}))
     cells = "".join((
-        _cell("loss", _num(progress.loss)), _cell("loss EMA", _num(progress.loss_ema)), _cell("LR", lrs),
+        _cell("loss", _num(progress.loss)), _cell("loss EMA", _num(progress.loss_ema)), _cell("U-Net LR", lrs),
         _cell("epoch", _epoch(progress)), _cell("elapsed", format_seconds(progress.elapsed_s)),
         _cell("ETA", format_seconds(progress.eta_s)),
     ))
@@ -107,6 +117,21 @@ def latest_finished(records: Sequence[Any]) -> Any | None:
     """The most recently finished record (done, failed, stopped, cancelled), or None."""
     finished = [r for r in records if r.status not in ACTIVE and getattr(r, "finished", None)]
     return max(finished, key=lambda r: r.finished) if finished else None
+
+
+def queue_status(records: Sequence[Any]) -> str:
+    """The Queue tab's status line, kept current by the poll (a button's reply must not linger)."""
+    running = next((r for r in records if r.status == "running"), None)
+    queued = sum(1 for r in records if r.status == "queued")
+    if running is not None:
+        waiting = f"{queued} more waiting" if queued else "nothing else waiting"
+        return f"Running '{running.name}'; {waiting}."
+    if queued:
+        return f"{queued} job(s) waiting. Press ▶ Run queue to start them."
+    last = latest_finished(records)
+    if last is not None:
+        return f"Queue finished. Last job: '{last.name}' ({last.status})."
+    return "The queue is empty. Add jobs with Add to Queue on the Train tab."
 
 
 def queue_rows(records: Iterable[Any]) -> list[list[Any]]:

@@ -17,12 +17,17 @@ from typing import Any
 import gradio as gr
 
 from trainer.errors import TrainTrainError, ValidationError
-from trainer.settings import MODES, Settings
+from trainer.settings import MODES, OPTIONAL_GROUPS, Settings, mode_default
 from trainer.ui import compat, form, panels, plotdata
 from trainer.ui.form import BLOCKS_KEY, NO_VAE, USE_PASS2_KEY
 from trainer.ui.widgets import field_widget
 
 ROOT_ID = "traintrain_tab"
+INTRO = ("## TrainTrain — train a LoRA\n"
+         "Pick a **Mode** and a **Model**, give the mode its images or prompts, name the LoRA, press "
+         "**Start Training**; the run shows below Start. Everything further down is optional.")
+MODE_HELP = ("LoRA: a folder of images · iLECO: two prompts, no images · Difference, ADDifT: an image pair "
+             "· Multi-ADDifT: a folder of pairs")
 MAX_PREVIEWS = 24  # newest previews in the gallery
 # traintrain.js defines traintrainConfirm; without it (gradio 3.41 standalone) the browser's confirm is used.
 _CONFIRM_JS = "(x) => [window.traintrainConfirm ? window.traintrainConfirm({msg}) : window.confirm({msg})]"
@@ -68,49 +73,62 @@ class TrainTab:
         return demo
 
     def _build_train(self) -> None:
+        """Top to bottom in the order a user works: what to train on, Start, the run, then the options."""
         ui = self.ui
-        ui["message"] = gr.Textbox(label="Message", lines=2, max_lines=12, interactive=False, elem_id="tt_message")
+        gr.Markdown(INTRO, elem_id="tt_intro", elem_classes=["tt-intro"])
+        self._build_job_widgets()
+        with gr.Row(elem_classes=["tt-columns", "tt-basics"], elem_id="tt_basics"):
+            for f in form.group_fields(form.pass1_fields(), "basics"):
+                self.first[f.key] = field_widget(f, visible=form.is_visible(f, self.job["mode"].value))
         with gr.Row(elem_classes=["tt-actions"]):
             ui["start"] = gr.Button("Start Training", variant="primary", elem_id="tt_start", scale=3)
             ui["queue_add"] = gr.Button("Add to Queue", elem_id="tt_queue_add", scale=2)
+            # train_iterations vs train_epochs × images × repeats, counted from the folder before a run
+            ui["steps_count"] = gr.Button("🔢 Count steps", elem_id="tt_steps_count", scale=1)
             ui["stop"] = gr.Button("Stop", variant="stop", elem_id="tt_stop", scale=1)
             ui["stop_save"] = gr.Button("Stop and Save", variant="stop", elem_id="tt_stop_save", scale=1)
             ui["confirm"] = gr.Checkbox(value=False, visible=False, elem_id="tt_confirm")
-        with gr.Row(elem_classes=["tt-presets"]):
-            ui["preset"] = gr.Dropdown(choices=self._presets(), label="Preset", allow_custom_value=True,
-                                       elem_id="tt_preset", scale=3)
-            ui["preset_load"] = compat.tool_button("↙️", "tt_preset_load")
-            ui["preset_save"] = compat.tool_button("💾", "tt_preset_save")
-            ui["preset_refresh"] = compat.tool_button("🔄", "tt_preset_refresh")
-            ui["snapshot"] = gr.Dropdown(choices=self._snapshots(), label="Settings history (json/)",
-                                         allow_custom_value=True, elem_id="tt_snapshot", scale=3)
-            ui["snapshot_load"] = compat.tool_button("↙️", "tt_snapshot_load")
-            ui["snapshot_refresh"] = compat.tool_button("🔄", "tt_snapshot_refresh")
+        ui["steps_info"] = gr.Markdown("", elem_id="tt_steps_info")
+        ui["message"] = gr.Textbox(label="Message", lines=1, max_lines=12, interactive=False, elem_id="tt_message")
         with gr.Row(elem_classes=["tt-live"]):
             with gr.Column(scale=2, min_width=320):
                 ui["progress"] = gr.HTML(panels.progress_html(None, False, 0), elem_id="tt_progress")
             with gr.Column(scale=3, min_width=320):
                 ui["live_plot"] = self._line_plot("Loss", "loss", "tt_live_plot")
-        ui["previews"] = compat.gallery("Previews (sample_every_n_steps; newest first)", "tt_previews")
-        self._build_job_widgets()
+        ui["previews"] = compat.gallery("Previews (newest first)", "tt_previews", height=220, visible=False)
+        with gr.Row(elem_classes=["tt-presets"]):
+            # Empty on load: the form holds the defaults, not any preset (a shown name would claim otherwise).
+            ui["preset"] = gr.Dropdown(choices=self._presets(), value=None, label="Preset",
+                                       allow_custom_value=True, elem_id="tt_preset", scale=3)
+            ui["preset_load"] = compat.tool_button("↙️", "tt_preset_load")
+            ui["preset_save"] = compat.tool_button("💾", "tt_preset_save")
+            ui["preset_refresh"] = compat.tool_button("🔄", "tt_preset_refresh")
+            ui["snapshot"] = gr.Dropdown(choices=self._snapshots(), value=None, label="Settings history (json/)",
+                                         allow_custom_value=True, elem_id="tt_snapshot", scale=3)
+            ui["snapshot_load"] = compat.tool_button("↙️", "tt_snapshot_load")
+            ui["snapshot_refresh"] = compat.tool_button("🔄", "tt_snapshot_refresh")
         self._build_params()
 
     def _build_job_widgets(self) -> None:
         by_key = {f.key: f for f in form.job_fields()}
         mode = by_key["mode"]
-        self.job["mode"] = gr.Radio(choices=form.mode_choices(), value=mode.default, label=mode.label,
-                                    info=mode.help, elem_id="tt_mode")
+        start_mode = mode.default
         with gr.Row(elem_classes=["tt-models"]):
+            self.job["mode"] = gr.Radio(choices=form.mode_choices(), value=mode.default, label=mode.label,
+                                        info=MODE_HELP, elem_id="tt_mode", scale=3)
             models = self.host.list_models()
             self.job["model"] = gr.Dropdown(choices=models, value=self.host.default_model() or None,
                                             label=by_key["model"].label, info=by_key["model"].help,
-                                            allow_custom_value=True, elem_id="tt_model", scale=4)
+                                            allow_custom_value=True, elem_id="tt_model", scale=2, min_width=200)
             self.ui["model_refresh"] = compat.tool_button("🔄", "tt_model_refresh")
-            self.job["vae"] = gr.Dropdown(choices=self._vaes(), value=NO_VAE, label=by_key["vae"].label,
-                                          info=by_key["vae"].help, allow_custom_value=True, elem_id="tt_vae",
-                                          scale=4)
-            self.ui["vae_refresh"] = compat.tool_button("🔄", "tt_vae_refresh")
-        start_mode = mode.default
+        self.ui["mode_now"] = gr.State(start_mode)  # the mode the form's defaults belong to
+        inputs = form.group_fields(form.pass1_fields(), "inputs")
+        self.ui["inputs_modes"] = frozenset().union(*(f.modes for f in inputs))
+        with gr.Row(visible=start_mode in self.ui["inputs_modes"], elem_id="tt_inputs",
+                    elem_classes=["tt-columns"]) as row:
+            for f in inputs:
+                self.first[f.key] = field_widget(f, visible=form.is_visible(f, start_mode))
+        self.ui["inputs"] = row
         for group, widget in (("prompts", "textarea"), ("images", "image")):
             fields = [f for f in form.job_fields() if f.widget == widget]
             modes = frozenset().union(*(f.modes for f in fields)) if fields else frozenset()
@@ -123,18 +141,24 @@ class TrainTab:
     def _build_params(self) -> None:
         mode = self.job["mode"].value
         family = form.family_of(self.job["model"].value or "", self.host)
-        gr.Markdown("### Required parameters", elem_classes=["tt-caption"])
-        self._columns(self.first, "required", 1, mode)
-        with gr.Row(elem_classes=["tt-steps"]):
-            # train_iterations vs train_epochs × images × repeats, counted from the folder before a run
-            self.ui["steps_count"] = gr.Button("🔢 Count steps", elem_id="tt_steps_count", scale=0, min_width=160)
-            self.ui["steps_info"] = gr.Markdown("", elem_id="tt_steps_info")
         blocks = self._blocks_field()
         choices = form.blocks_for(family, form.widget_value(self._field("network_type"), self._field("network_type").default))
-        self.first[BLOCKS_KEY] = field_widget(blocks, value=list(choices), choices=choices)
         self.ui["blocks1"] = gr.State(choices)
-        with gr.Accordion("Optional parameters", open=True, elem_id="tt_optional"):
-            self._columns(self.first, "optional", 1, mode)
+        gr.Markdown("### Optional settings — every group starts at sensible defaults; its title says what "
+                    "you changed", elem_classes=["tt-caption"], elem_id="tt_optional")
+        fields = form.pass1_fields()
+        for group in OPTIONAL_GROUPS:
+            members = form.group_fields(fields, group)
+            values = {f.key: form.widget_value(f, mode_default(f.key, mode)) for f in members}
+            with gr.Accordion(form.changed_in_group(group, mode, values), open=False,
+                              visible=form.group_visible(group, mode), elem_id=f"tt_group_{group}",
+                              elem_classes=["tt-group"]) as acc:
+                if group == "advanced":  # the checkpoint's own VAE is right for almost everyone
+                    self._build_vae()
+                self._field_columns(self.first, [f for f in members if f.widget != "checkboxgroup"], 1, mode)
+                if any(f.key == BLOCKS_KEY for f in members):
+                    self.first[BLOCKS_KEY] = field_widget(blocks, value=list(choices), choices=choices)
+            self.ui[f"group_{group}"] = acc
         with gr.Accordion("2nd pass (Difference)", open=False, visible=mode == "Difference",
                           elem_id="tt_pass2") as acc:
             use2 = self._field(USE_PASS2_KEY)
@@ -142,22 +166,28 @@ class TrainTab:
                 self.second[USE_PASS2_KEY] = field_widget(use2, pass_index=2)
                 self.ui["copy1"] = gr.Button("Copy settings from 1st pass", elem_id="tt2_copy", scale=0,
                                              min_width=220)
-            self._columns(self.second, "required", 2, None)
-            self._columns(self.second, "optional", 2, None)
+            second = [f for f in form.pass2_fields() if f.key != USE_PASS2_KEY and f.widget != "checkboxgroup"]
+            self._field_columns(self.second, second, 2, None)
             self.second[BLOCKS_KEY] = field_widget(blocks, pass_index=2, value=list(choices), choices=choices)
             self.ui["blocks2"] = gr.State(choices)
         self.ui["pass2"] = acc
 
-    def _columns(self, target: dict[str, Any], section: str, pass_index: int, mode: str | None) -> None:
-        fields = form.pass1_fields() if pass_index == 1 else form.pass2_fields()
-        with gr.Row(elem_classes=["tt-columns", f"tt-{section}"]):
-            for column in form.columns(fields, section).values():
+    def _build_vae(self) -> None:
+        vae = next(f for f in form.job_fields() if f.key == "vae")
+        with gr.Row(elem_classes=["tt-models"]):
+            self.job["vae"] = gr.Dropdown(choices=self._vaes(), value=NO_VAE, label=vae.label, info=vae.help,
+                                          allow_custom_value=True, elem_id="tt_vae", scale=4)
+            self.ui["vae_refresh"] = compat.tool_button("🔄", "tt_vae_refresh")
+
+    def _field_columns(self, target: dict[str, Any], fields: list[Any], pass_index: int, mode: str | None) -> None:
+        """``fields`` in three columns of about equal height."""
+        with gr.Row(elem_classes=["tt-columns"]):
+            for column in form.balanced_columns(fields):
                 with gr.Column(min_width=240):
                     for f in column:
-                        if f.key == USE_PASS2_KEY:
-                            continue
                         visible = True if mode is None else form.is_visible(f, mode)
-                        target[f.key] = field_widget(f, pass_index=pass_index, visible=visible)
+                        value = None if mode is None else form.widget_value(f, mode_default(f.key, mode))
+                        target[f.key] = field_widget(f, pass_index=pass_index, visible=visible, value=value)
 
     def _build_queue(self) -> None:
         ui = self.ui
@@ -188,7 +218,9 @@ class TrainTab:
 
     @staticmethod
     def _line_plot(title: str, y_title: str, elem_id: str) -> gr.LinePlot:
-        return gr.LinePlot(value=plotdata.frames_from_history([])[0], x="step", y="value", color="series",
+        # No data at first, never an empty frame: gradio 5+ builds the colour scale when a plot first gets
+        # data and then only swaps the data in, so a plot born empty drew its lines with no stroke.
+        return gr.LinePlot(value=None, x="step", y="value", color="series",
                            title=title, x_title="step", y_title=y_title, elem_id=elem_id,
                            show_label=False)
 
@@ -240,7 +272,7 @@ class TrainTab:
     def _load_outputs(self) -> list[Any]:
         keys = [k for k in self.job if k not in self._image_keys()]
         return [*self.first.values(), *self.second.values(), *(self.job[k] for k in keys),
-                self.ui["blocks1"], self.ui["blocks2"], self.ui["message"]]
+                self.ui["blocks1"], self.ui["blocks2"], self.ui["mode_now"], self.ui["message"]]
 
     def _apply(self, settings: Settings, note: str, model_now: str | None) -> list[Any]:
         """Updates that show ``settings`` in every widget (preset / snapshot load)."""
@@ -261,7 +293,8 @@ class TrainTab:
             if k in self._image_keys():
                 continue
             out.append(job[k] if isinstance(job[k], dict) else compat.update(value=job[k]))
-        return [*out, chosen[1], chosen[2], note]
+        # the loaded mode is the one its values belong to: switching to it must not apply mode defaults
+        return [*out, chosen[1], chosen[2], settings.mode, note]
 
     def _no_change(self, message: str) -> list[Any]:
         return [compat.update() for _ in self._load_outputs()[:-1]] + [message]
@@ -278,7 +311,10 @@ class TrainTab:
         queued = sum(1 for r in self.worker.records() if r.status == "queued")
         if start and not was_busy:
             return f"Started '{record.name}' ({record.mode}). Progress below; the result appears here."
-        return f"Added '{record.name}' to the queue ({queued} waiting)."
+        if was_busy:
+            return f"Added '{record.name}' to the queue ({queued} waiting); it starts when the running job ends."
+        return (f"Added '{record.name}' to the queue ({queued} waiting). Press ▶ Run queue on the Queue tab "
+                "to start it.")
 
     def on_count_steps(self, *values: Any) -> str:
         """The run's length before it starts: ``1200 steps = 10 epochs × 120 batches (…)``."""
@@ -324,20 +360,43 @@ class TrainTab:
             return self._no_change(f"{name}: cannot read ({err})")
         return self._apply(settings, "\n".join([f"Loaded settings '{name}'.", *warnings]), model_now)
 
-    def on_mode(self, mode: str) -> list[Any]:
-        out = [compat.update(visible=form.is_visible(f, mode)) for f in form.pass1_fields() if f.key in self.first]
+    def on_mode(self, mode: str, old: str | None, *values: Any) -> list[Any]:
+        """Show what ``mode`` uses; move untouched values to its defaults (``form.mode_switch``)."""
+        current = dict(zip(self.first, values, strict=True))
+        switched = form.mode_switch(old or mode, mode, current) if old and old != mode else {}
+        fields = {f.key: f for f in form.pass1_fields()}
+        out = []
+        for key in self.first:
+            change: dict[str, Any] = {"visible": form.is_visible(fields[key], mode)}
+            if key in switched:
+                change["value"] = switched[key]
+            out.append(compat.update(**change))
         out += [compat.update(visible=form.is_visible(f, mode)) for f in form.job_fields()
                 if f.key in self.job and f.key not in form.JOB_SPECIAL]
-        out += [compat.update(visible=mode in self.ui["prompts_modes"]),
+        out += [compat.update(visible=mode in self.ui["inputs_modes"]),
+                compat.update(visible=mode in self.ui["prompts_modes"]),
                 compat.update(visible=mode in self.ui["images_modes"]),
                 compat.update(visible=mode == "Difference")]
-        return out
+        current.update(switched)
+        for group in OPTIONAL_GROUPS:
+            values_now = {k: current[k] for k in self._group_keys(group)}
+            out.append(compat.update(visible=form.group_visible(group, mode),
+                                     label=form.changed_in_group(group, mode, values_now)))
+        return [*out, mode]
 
     def _mode_outputs(self) -> list[Any]:
-        keys = [f.key for f in form.pass1_fields() if f.key in self.first]
         jobs = [f.key for f in form.job_fields() if f.key in self.job and f.key not in form.JOB_SPECIAL]
-        return [*(self.first[k] for k in keys), *(self.job[k] for k in jobs),
-                self.ui["prompts"], self.ui["images"], self.ui["pass2"]]
+        return [*self.first.values(), *(self.job[k] for k in jobs),
+                self.ui["inputs"], self.ui["prompts"], self.ui["images"], self.ui["pass2"],
+                *(self.ui[f"group_{g}"] for g in OPTIONAL_GROUPS), self.ui["mode_now"]]
+
+    def _group_keys(self, group: str) -> list[str]:
+        return [f.key for f in form.group_fields(form.pass1_fields(), group) if f.key in self.first]
+
+    def on_group_values(self, group: str, mode: str, *values: Any) -> Any:
+        """The group's accordion title after one of its values changed."""
+        values_now = dict(zip(self._group_keys(group), values, strict=True))
+        return compat.update(label=form.changed_in_group(group, mode, values_now))
 
     def on_narrow(self, model: str | None, network_type: str, selected: list[str], old: list[str]):
         choices = form.blocks_for(form.family_of(model or "", self.host), network_type or "lierla")
@@ -406,7 +465,7 @@ class TrainTab:
         except TrainTrainError as err:
             return compat.update(), compat.update(), _error_text(err)
         info = " · ".join(f"{k}: {v}" for k, v in header.items() if v)
-        return compat.update(value=loss), compat.update(value=lr), info
+        return compat.update(value=plot_value(loss)), compat.update(value=plot_value(lr)), info
 
     def poll(self, seen: dict[str, Any] | None, follow: bool):
         """Every second: progress panel, live curve, result message, queue table, followed plot, previews."""
@@ -430,9 +489,9 @@ class TrainTab:
         curve = curve_loss = curve_lr = compat.update()
         if list(key) != seen.get("curve"):
             loss, lr = plotdata.frames_from_history(history)
-            curve = compat.update(value=loss)
+            curve = compat.update(value=plot_value(loss))
             if follow and history:
-                curve_loss, curve_lr = compat.update(value=loss), compat.update(value=lr)
+                curve_loss, curve_lr = compat.update(value=plot_value(loss)), compat.update(value=plot_value(lr))
             seen["curve"], seen["job"] = list(key), key[0]
         message = compat.update()
         shown = [last.job_id, last.status] if last is not None else None
@@ -444,13 +503,19 @@ class TrainTab:
         previews = self.worker.previews()[:MAX_PREVIEWS]
         shown_previews = [e.path for e in previews]
         if shown_previews != seen.get("previews", []):
-            gallery, seen["previews"] = compat.update(value=gallery_items(previews)), shown_previews
-        table, jobs = compat.update(), compat.update()
+            # the gallery takes room only once there is something to show
+            items = gallery_items(previews)
+            gallery, seen["previews"] = compat.update(value=items, visible=bool(items)), shown_previews
+        table, jobs, logs = compat.update(), compat.update(), compat.update()
         rows = panels.queue_rows(records)
         if rows != seen.get("rows"):
             table, seen["rows"] = compat.update(value=rows), rows
             jobs = compat.update(choices=[panels.job_choice(r) for r in records])
-        return panel, curve, message, table, jobs, curve_loss, curve_lr, gallery, seen
+            logs = compat.update(choices=plotdata.log_choices(self.logs_root))  # a new run, a new log
+        status, queue_text = panels.queue_status(records), compat.update()
+        if status != seen.get("queue_status"):
+            queue_text, seen["queue_status"] = status, status
+        return panel, curve, message, table, jobs, curve_loss, curve_lr, gallery, queue_text, logs, seen
 
     # ------------------------------------------------------------------ wiring
 
@@ -472,7 +537,13 @@ class TrainTab:
                                   outputs=self._load_outputs())
         ui["model_refresh"].click(lambda: compat.update(choices=self.host.list_models()), outputs=[self.job["model"]])
         ui["vae_refresh"].click(lambda: compat.update(choices=self._vaes()), outputs=[self.job["vae"]])
-        self.job["mode"].change(self.on_mode, inputs=[self.job["mode"]], outputs=self._mode_outputs())
+        self.job["mode"].change(self.on_mode, inputs=[self.job["mode"], ui["mode_now"], *self.first.values()],
+                                outputs=self._mode_outputs())
+        for group in OPTIONAL_GROUPS:
+            members = [self.first[k] for k in self._group_keys(group)]
+            for widget in members:
+                widget.change(lambda m, *v, g=group: self.on_group_values(g, m, *v),
+                              inputs=[self.job["mode"], *members], outputs=[ui[f"group_{group}"]], **compat.QUIET)
         for target, state in ((self.first, ui["blocks1"]), (self.second, ui["blocks2"])):
             narrow_in = [self.job["model"], target["network_type"], target[BLOCKS_KEY], state]
             narrow_out = [target[BLOCKS_KEY], state]
@@ -487,7 +558,8 @@ class TrainTab:
                               outputs=[ui["plot_loss"], ui["plot_lr"], ui["plot_info"]])
         compat.poll(1.0, self.poll, inputs=[ui["seen"], ui["plot_follow"]],
                     outputs=[ui["progress"], ui["live_plot"], ui["message"], ui["queue_table"], ui["queue_job"],
-                             ui["plot_loss"], ui["plot_lr"], ui["previews"], ui["seen"]], demo=demo)
+                             ui["plot_loss"], ui["plot_lr"], ui["previews"], ui["queue_message"], ui["plot_log"],
+                             ui["seen"]], demo=demo)
 
     def _wire_queue(self) -> None:
         ui = self.ui
@@ -517,6 +589,11 @@ def gallery_items(previews: list[Any]) -> list[tuple[Any, str]]:
         except OSError:  # deleted meanwhile: leave it out
             continue
     return items
+
+
+def plot_value(frame: Any) -> Any:
+    """A curve for a LinePlot: None while it has no points (see ``_line_plot``)."""
+    return None if frame is None or len(frame) == 0 else frame
 
 
 def history_last(history: list[dict[str, float]]) -> dict[str, float]:

@@ -18,7 +18,7 @@ def elem_id(f: Field, pass_index: int = 1) -> str:
 
 def field_widget(f: Field, *, pass_index: int = 1, value: Any = None, choices: list[str] | None = None,
                  visible: bool = True) -> gr.components.Component:
-    """The widget for ``f`` with the table's label and help (``info=``).
+    """The widget for ``f`` with the table's label and help (``info=``, ending in the JSON key).
 
     Args:
         f: the field.
@@ -29,7 +29,10 @@ def field_widget(f: Field, *, pass_index: int = 1, value: Any = None, choices: l
     """
     value = widget_value(f, f.default) if value is None else value
     common: dict[str, Any] = {"label": f.label, "elem_id": elem_id(f, pass_index), "visible": visible}
-    info = f"{f.help} Range: {f.range_text}." if f.range_text else f.help
+    # The label is in words; the exact JSON key (presets, --set, the README table) closes the help.
+    key_note = "" if f.section == "job" else f"[{f.key}]"
+    rng = f"Range: {f.range_text}." if f.range_text else ""
+    info = " ".join(part for part in (f.help, rng, key_note) if part)
     if info:
         common["info"] = info
     if f.widget == "checkbox":
@@ -42,7 +45,7 @@ def field_widget(f: Field, *, pass_index: int = 1, value: Any = None, choices: l
         options = choices if choices is not None else choices_of(f)
         return gr.Dropdown(choices=options, value=value, allow_custom_value=True, **common)
     if f.widget == "textarea":
-        return gr.Textbox(value=value, lines=3, max_lines=8, **common)
+        return gr.Textbox(value=value, lines=2, max_lines=8, **common)
     if f.widget == "image":
         return compat.image(f.label, elem_id(f, pass_index), visible=visible)
     return gr.Textbox(value=value, lines=1, max_lines=1, **common)
