@@ -74,7 +74,7 @@ def test_encoded_dataset_stays_on_the_cpu(tmp_path):
 
     events = types.SimpleNamespace(info=lambda *_: None, warning=lambda *_: None)
     ctx = types.SimpleNamespace(bundle=Bundle(), generator=lambda offset: torch.Generator(), events=events,
-                                settings=types.SimpleNamespace(image_cache_latents_to_disk=False, vae=""),
+                                settings=types.SimpleNamespace(image_cache_latents_to_disk=False, vae="", logging_verbose=False),
                                 note=lambda *_: None)
     cached = encode_dataset_images(ctx, plan)
     assert {b.latents.device.type for b in cached.buckets} == {"cpu"}
