@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
 import torch
+from PIL import Image
 
 
 def fingerprint(model: torch.nn.Module) -> dict:
@@ -22,3 +24,19 @@ def fingerprint(model: torch.nn.Module) -> dict:
         "forwards": sorted(n for n, m in model.named_modules() if "forward" in m.__dict__),
         "is_trainable": sorted((n, m.__dict__["is_trainable"]) for n, m in model.named_modules() if "is_trainable" in m.__dict__),
     }
+
+
+def mode_inputs(mode: str, tmp_path: Path) -> dict:
+    """The job inputs of ``mode`` on 64 px pictures made in ``tmp_path`` (pairs named ``*_t``)."""
+    if mode in ("LoRA", "Multi-ADDifT"):
+        folder = tmp_path / "data"
+        folder.mkdir(exist_ok=True)
+        for i in range(2):
+            Image.new("RGB", (64, 64), (200, 50 * i, 40)).save(folder / f"a{i}.png")
+            Image.new("RGB", (64, 64), (40, 50 * i, 200)).save(folder / f"a{i}_t.png")
+        return {"lora_data_directory": str(folder), "diff_target_name": "_t"}
+    if mode == "iLECO":
+        return {"original prompt": "a photo", "target prompt": "red"}
+    Image.new("RGB", (64, 64), (200, 40, 40)).save(tmp_path / "o.png")
+    Image.new("RGB", (64, 64), (40, 40, 200)).save(tmp_path / "t.png")
+    return {"original image": str(tmp_path / "o.png"), "target image": str(tmp_path / "t.png")}

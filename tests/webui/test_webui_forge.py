@@ -8,6 +8,7 @@ import logging
 
 import pytest
 import torch
+from helpers import mode_inputs
 from PIL import Image
 
 from trainer.errors import TrainTrainError
@@ -22,19 +23,7 @@ BASE = {"image_size(height, width)": "64", "image_buckets_step": 32, "image_min_
         "network_rank": 4, "network_alpha": 4, "logging_save_csv": False, "train_learning_rate": "1e-2"}
 
 
-def _inputs(mode, tmp_path):
-    if mode in ("LoRA", "Multi-ADDifT"):
-        folder = tmp_path / "data"
-        folder.mkdir(exist_ok=True)
-        for i in range(2):
-            Image.new("RGB", (64, 64), (200, 50 * i, 40)).save(folder / f"a{i}.png")
-            Image.new("RGB", (64, 64), (40, 50 * i, 200)).save(folder / f"a{i}_t.png")
-        return {"lora_data_directory": str(folder), "diff_target_name": "_t"}
-    if mode == "iLECO":
-        return {"original prompt": "a photo", "target prompt": "red"}
-    Image.new("RGB", (64, 64), (200, 40, 40)).save(tmp_path / "o.png")
-    Image.new("RGB", (64, 64), (40, 40, 200)).save(tmp_path / "t.png")
-    return {"original image": str(tmp_path / "o.png"), "target image": str(tmp_path / "t.png")}
+_inputs = mode_inputs
 
 
 def _generate(shared) -> torch.Tensor:

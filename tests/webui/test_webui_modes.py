@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import fingerprint
+from helpers import fingerprint, mode_inputs
 from PIL import Image
 
 from trainer.hosts.webui import WebUIHost
@@ -22,19 +22,7 @@ BASE = {"image_size(height, width)": "64", "image_buckets_step": 32, "image_min_
         "network_rank": 4, "network_alpha": 4, "logging_save_csv": False, "effect_check": True}
 
 
-def _inputs(mode, tmp_path):
-    if mode in ("LoRA", "Multi-ADDifT"):
-        folder = tmp_path / "data"
-        folder.mkdir()
-        for i in range(2):
-            Image.new("RGB", (64, 64), (200, 50 * i, 40)).save(folder / f"a{i}.png")
-            Image.new("RGB", (64, 64), (40, 50 * i, 200)).save(folder / f"a{i}_t.png")
-        return {"lora_data_directory": str(folder), "diff_target_name": "_t"}
-    if mode == "iLECO":
-        return {"original prompt": "a photo", "target prompt": "red"}
-    Image.new("RGB", (64, 64), (200, 40, 40)).save(tmp_path / "o.png")
-    Image.new("RGB", (64, 64), (40, 40, 200)).save(tmp_path / "t.png")
-    return {"original image": str(tmp_path / "o.png"), "target image": str(tmp_path / "t.png")}
+_inputs = mode_inputs
 
 
 @pytest.mark.parametrize("mode", ["LoRA", "iLECO", "Difference", "ADDifT", "Multi-ADDifT"])

@@ -4,20 +4,18 @@ generation (or TrainTrain) asks for it, as ``modules/sd_models.py:311`` does in 
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
+import importlib.util
+import sys
+from pathlib import Path
 
 import torch
 
-
-@dataclass
-class CheckpointInfo:
-    title: str
-    filename: str
-    name: str = ""
-    factory: Callable[[], object] | None = field(default=None, repr=False)
-
-
+_spec = importlib.util.spec_from_file_location(
+    "_a1111_fake_sd_models", Path(__file__).resolve().parents[2] / "fake_webui" / "modules" / "sd_models.py")
+_a1111 = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = _a1111  # dataclasses look their module up
+_spec.loader.exec_module(_a1111)
+CheckpointInfo = _a1111.CheckpointInfo  # the same list entries as A1111's; only loading differs
 checkpoints_list: dict[str, CheckpointInfo] = {}
 loads: list[str] = []
 
@@ -43,10 +41,7 @@ def checkpoint_tiles(use_short: bool = False) -> list[str]:
 
 
 def get_closet_checkpoint_match(search: str) -> CheckpointInfo | None:
-    if search in checkpoints_list:
-        return checkpoints_list[search]
-    hits = [info for title, info in checkpoints_list.items() if search in title]
-    return hits[0] if hits else None
+    return _a1111.match_in(checkpoints_list, search)
 
 
 def select(title: str) -> None:

@@ -24,11 +24,16 @@ def checkpoint_tiles(use_short: bool = False) -> list[str]:
     return list(checkpoints_list)
 
 
-def get_closet_checkpoint_match(search: str) -> CheckpointInfo | None:
-    if search in checkpoints_list:
-        return checkpoints_list[search]
-    hits = [info for title, info in checkpoints_list.items() if search in title]
+def match_in(listed: dict[str, CheckpointInfo], search: str) -> CheckpointInfo | None:
+    """A1111's lookup: an exact title, else the first title containing ``search``."""
+    if search in listed:
+        return listed[search]
+    hits = [info for title, info in listed.items() if search in title]
     return hits[0] if hits else None
+
+
+def get_closet_checkpoint_match(search: str) -> CheckpointInfo | None:
+    return match_in(checkpoints_list, search)
 
 
 def reload_model_weights(sd_model=None, info: CheckpointInfo | None = None, forced_reload: bool = False):
