@@ -142,12 +142,12 @@ def _message(result: dict[str, Any]) -> str:
     tail = f" ({result['steps']} steps, {result['seconds']:.1f} s)"
     if status == "failed":
         return f"Failed, nothing saved: {card.get('verdict', 'the LoRA is broken')}{tail}"
-    if card and not card.get("learned"):
-        return f"Created {path}, but the report card says: {card.get('verdict', '')}{tail}"
     if status == "stopped":
         return "Stopped" + (f". Last saved to {path}" if path else "") + tail
     if status == "saved_stop":
         return f"Stopped and saved the LoRA to {path}{tail}"
     if not path:
         return "Done (nothing saved)" + tail
+    if card and not card.get("learned"):  # saved, but the user must not take it for a working LoRA
+        return f"Done. LoRA saved to {path}, but the report card says: {card.get('verdict', '')}{tail}"
     return f"Done. LoRA saved to {path}{tail}"
