@@ -12,6 +12,12 @@ from trainer.models.diffusers_runtime import load_bundle
 from trainer.models.dit_loading import TURBO_NOTE, save_dit_folder
 from trainer.models.tiny_dit import build_tiny_dit
 
+# Z-Image/Anima need diffusers >= 0.42 (0.37's Z-Image transformer gives NaN; trainer/models/dit.py refuses it)
+pytestmark = pytest.mark.skipif(
+    tuple(int(x) for x in __import__("diffusers").__version__.split(".")[:2]) < (0, 42),
+    reason="Z-Image/Anima need diffusers >= 0.42")
+
+
 
 @pytest.fixture(scope="module")
 def zimage_folder(tmp_path_factory):
@@ -67,3 +73,13 @@ def test_single_dit_files_are_named_with_the_fix(tmp_path):
     save_file({"net.llm_adapter.embed.weight": torch.ones(2, 2)}, str(anima))
     with pytest.raises(InputError, match="Anima checkpoint"):
         load_bundle(str(anima), device="cpu")
+
+
+def test_an_old_diffusers_is_refused_with_one_line():
+    from trainer.errors import TrainTrainError
+    from trainer.models.dit import check_diffusers_version
+
+    check_diffusers_version("0.42.1")
+    check_diffusers_version("1.0.0.dev0")
+    with pytest.raises(TrainTrainError, match=r"needs diffusers >= 0\.42 \(this environment has 0\.37\.1"):
+        check_diffusers_version("0.37.1")

@@ -65,6 +65,27 @@ class DiTParts:
     notes: list[str] | None = None
 
 
+# The oldest diffusers these families were verified on: with 0.37.1 (Forge Neo's pin) the Z-Image
+# transformer returns NaN on the same weights and inputs (measured on tiny-zimage); 0.42.1 is exact.
+MIN_DIFFUSERS = (0, 42)
+
+
+def check_diffusers_version(version: str) -> None:
+    """Refuse Z-Image/Anima training on a diffusers older than :data:`MIN_DIFFUSERS` with one line.
+
+    Raises:
+        TrainTrainError: the installed diffusers is too old.
+    """
+    from trainer.errors import TrainTrainError
+
+    parts = tuple(int(p) for p in version.split(".")[:2] if p.isdigit())
+    if parts < MIN_DIFFUSERS:
+        need = ".".join(map(str, MIN_DIFFUSERS))
+        raise TrainTrainError(f"model: Z-Image and Anima training needs diffusers >= {need} (this environment has "
+                              f"{version}, whose Z-Image transformer gives NaN here); upgrade diffusers in the "
+                              "standalone environment (pip install -U diffusers)")
+
+
 class DiTBundle:
     """A Z-Image or Anima model ready for adapter training (implements ``ModelBundle``).
 
@@ -78,6 +99,9 @@ class DiTBundle:
     flow_sampling = "logit_normal"
 
     def __init__(self, parts: DiTParts, *, device: torch.device, dtype: torch.dtype) -> None:
+        import diffusers
+
+        check_diffusers_version(diffusers.__version__)
         self.parts = parts
         self.family = parts.family
         self.name = parts.name
