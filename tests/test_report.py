@@ -115,3 +115,26 @@ def test_the_tab_table_under_the_finished_panel_shows_the_verdict_and_the_number
     assert ("47.2%" in html or "47.3%" in html) and "effect" not in html
     assert card_html(None) == "" and "tt-report" not in finished_html(
         SimpleNamespace(status="done", name="run", message="", result={"steps": 10, "seconds": 3.0}), {})
+
+
+def test_a_nan_the_model_gives_without_the_lora_is_not_the_loras_fault(trainer, monkeypatch):
+    """Measured in a real Forge Neo: after a generation with four <lora:…>, the host's conditioning for the
+    run's own prompt came back NaN, and the card threw away a healthy LoRA as 'broken'. A NaN the model
+    gives with the LoRA off is the host's: the card says it could not measure, and the file is saved."""
+    from dataclasses import replace
+    from pathlib import Path
+
+    import trainer.report as report
+
+    real = report._conds
+
+    def host_nan(bundle, network, prompts, multiplier):
+        cond = real(bundle, network, prompts, multiplier)
+        return replace(cond, context=torch.full_like(cond.context, float("nan")))
+
+    monkeypatch.setattr(report, "_conds", host_nan)
+    result = trainer.run(**{**ERASE, "save_lora_name": "host_nan"})
+    card = result["report"]
+    assert result["status"] == "done" and Path(result["lora_path"]).is_file()
+    assert not card["failed"] and card["verdict"].startswith("not measured")
+    assert "nothing saved" not in result["message"] and "report card says: not measured" in result["message"]

@@ -195,6 +195,10 @@ EFFICACY_WORDS = {
 }
 
 
+UNMEASURED = ("not measured: the model's prediction without the LoRA was NaN/inf on the probe (the host's "
+              "conditioning or model, not this LoRA)")
+
+
 def weight_health(state_dict: dict[str, torch.Tensor]) -> tuple[list[str], float]:
     """Non-finite or exploded tensors in the saved weights. Returns (problems, largest up/down norm)."""
     problems, largest, bad = [], 0.0, []
@@ -235,10 +239,14 @@ def measure(bundle, network, probe: Probe, state_dict: dict[str, torch.Tensor], 
             numbers = _MEASURES[probe.kind](bundle, network, probe)
     finally:
         network.train(was_training)
-    efficacy, specificity, reverse, change, finite = numbers
-    if not finite:
+    efficacy, specificity, reverse, change, finite, base_finite = numbers
+    broken_weights = any(p.startswith("NaN/inf in") for p in problems)
+    if not base_finite:  # measured in a real Neo: NaN conditioning from the host after a <lora> generation
+        problems.insert(0, UNMEASURED)
+    elif not finite:
         problems.insert(0, "NaN/inf in the LoRA's output")
-    failed = any("NaN" in p for p in problems)
+    # only the LoRA's own NaN makes it broken (and unsaved); a NaN the model gives without it is not its fault
+    failed = broken_weights or (base_finite and not finite)
     identical = not failed and change < IDENTICAL
     if identical:
         problems.append("weight 1 and weight 0 give identical outputs: this LoRA changes nothing")
@@ -255,6 +263,8 @@ def _clean(x: float | None) -> float | None:
 
 def verdict(card: Card, probe: Probe, identical: bool) -> tuple[bool, str]:
     """(learned, words): what happened and, when it did not learn, the likely cause and the setting."""
+    if UNMEASURED in card.health and not card.failed:
+        return False, UNMEASURED + "; the LoRA was saved, check it with python -m trainer check"
     if card.failed:
         return False, ("broken: the LoRA holds NaN/inf values (likely a learning rate too high or an fp16 "
                        "overflow); lower train_learning_rate or train in bf16/fp32")
@@ -344,13 +354,14 @@ def _measure_prompt(bundle, network, probe: Probe):
     e1 = _predict(bundle, network, x, t, own1, 1.0)
     move = float((e1 - e0).norm())
     finite = bool(torch.isfinite(e1).all())
+    base_finite = bool(torch.isfinite(e0).all())
     efficacy = None
     if probe.mode == "iLECO":
         e_t = _predict(bundle, network, x, t, _conds(bundle, network, [probe.target], 0.0), 0.0)
         gap = float((e0 - e_t).norm())
         efficacy = 100.0 * (1.0 - float((e1 - e_t).norm()) / gap) if gap > 0 else None
     spec = _drift(bundle, network, x, t, probe.neighbours, move)
-    return efficacy, spec, None, move / max(float(e0.norm()), 1e-12), finite
+    return efficacy, spec, None, move / max(float(e0.norm()), 1e-12), finite, base_finite
 
 
 def load_latents(bundle, paths: list[str], size: tuple[int, int]) -> torch.Tensor:
@@ -406,7 +417,8 @@ def _measure_images(bundle, network, probe: Probe):
     move = float((u1 - u0).norm())
     spec = _drift(bundle, network, noisy, t, probe.neighbours, move)
     efficacy = 100.0 * (l0 - l1) / l0 if l0 > 0 else None
-    return efficacy, spec, None, move / max(float(u0.norm()), 1e-12), bool(torch.isfinite(u1).all())
+    return (efficacy, spec, None, move / max(float(u0.norm()), 1e-12), bool(torch.isfinite(u1).all()),
+            bool(torch.isfinite(u0).all()))
 
 
 def _measure_pair(bundle, network, probe: Probe):
@@ -439,7 +451,9 @@ def _measure_pair(bundle, network, probe: Probe):
     spec = _drift(bundle, network, x, t, probe.neighbours, move)
     rev = moved(-1.0)
     finite = bool(torch.isfinite(u[1.0]).all() and torch.isfinite(u[-1.0]).all())
-    return moved(1.0), spec, None if rev is None else -rev, move / max(float(u[0.0].norm()), 1e-12), finite
+    base_finite = bool(torch.isfinite(u[0.0]).all())
+    return (moved(1.0), spec, None if rev is None else -rev, move / max(float(u[0.0].norm()), 1e-12), finite,
+            base_finite)
 
 
 _MEASURES = {"prompt": _measure_prompt, "images": _measure_images, "pair": _measure_pair, "addift": _measure_pair}

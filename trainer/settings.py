@@ -460,7 +460,7 @@ FIELDS: tuple[Field, ...] = (
          "Standalone/CLI only; a note says when there is no EMA copy.", **_CH, label="Train on EMA weights", group="advanced"),
     # -- job keys
     _f("mode", str, "LoRA", "Training mode.", choices=MODES, section="job", label="Mode", **_DD, group="job"),
-    _f("model", str, "", "Base checkpoint to train on.", section="job", label="Model", **_DD, group="job"),
+    _f("model", str, "", "Base checkpoint to train on. In the Web-UI, empty = the model it has loaded (Forge/Neo: the one selected in its checkpoint dropdown).", section="job", label="Model", **_DD, group="job"),
     _f("vae", str, "", "VAE for encoding images; empty = the checkpoint's own.", section="job", column=2,
        label="VAE", **_DD, group="job"),
     _f("original prompt", str, "",
