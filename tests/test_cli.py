@@ -8,6 +8,13 @@ from trainer.__main__ import main
 from trainer.network import load_lora
 
 
+def _tiny_lora_sets(data, steps: int, name: str) -> list[str]:
+    """``--set`` flags for a tiny 64 px LoRA run on ``data`` (batch 1)."""
+    values = {"lora_data_directory": data, "image_size(height, width)": 64, "image_buckets_step": 32,
+              "image_min_length": 32, "train_iterations": steps, "train_batch_size": 1, "save_lora_name": name}
+    return [arg for key, value in values.items() for arg in ("--set", f"{key}={value}")]
+
+
 def test_train_from_a_preset_writes_the_lora_and_the_result_json(tmp_path, capsys):
     from PIL import Image
 
@@ -18,9 +25,7 @@ def test_train_from_a_preset_writes_the_lora_and_the_result_json(tmp_path, capsy
     result_path = tmp_path / "result.json"
     code = main(["train", "presets/LoRA.json", "--model", "tiny-sd1", "--lora-dir", str(tmp_path / "out"),
                  "--logs-dir", str(tmp_path / "logs"), "--json-dir", str(tmp_path / "json"), "--quiet",
-                 "--set", f"lora_data_directory={data}", "--set", "image_size(height, width)=64",
-                 "--set", "image_buckets_step=32", "--set", "image_min_length=32", "--set", "train_iterations=3",
-                 "--set", "train_batch_size=1", "--set", "save_lora_name=cli_lora", "--set", "train_seed=7",
+                 *_tiny_lora_sets(data, 3, "cli_lora"), "--set", "train_seed=7",
                  "--set", "save_as_json=true", "--result-json", str(result_path)])
     assert code == 0
     result = json.loads(result_path.read_text())
@@ -97,9 +102,7 @@ def test_ctrl_c_saves_then_exits_130(tmp_path, capsys, monkeypatch):
     result_path = tmp_path / "result.json"
     code = main(["train", "--mode", "LoRA", "--model", "tiny-sd1", "--lora-dir", str(tmp_path / "out"),
                  "--logs-dir", str(tmp_path / "logs"), "--quiet", "--result-json", str(result_path),
-                 "--set", f"lora_data_directory={data}", "--set", "image_size(height, width)=64",
-                 "--set", "image_buckets_step=32", "--set", "image_min_length=32", "--set", "train_iterations=50",
-                 "--set", "train_batch_size=1", "--set", "save_lora_name=stopped"])
+                 *_tiny_lora_sets(data, 50, "stopped")])
     result = json.loads(result_path.read_text())
     assert code == 130 and result["status"] == "saved_stop" and result["steps"] < 50
     assert load_lora(result["lora_path"])[1]["ss_steps"] == str(result["steps"])  # saved before exiting
@@ -115,9 +118,7 @@ def test_cli_writes_logs_beside_the_lora_and_says_where(tmp_path, capsys):
         Image.new("RGB", (64, 64), (200, 40 * i, 40)).save(data / f"i{i}.png")
     out = tmp_path / "out"
     code = main(["train", "presets/LoRA.json", "--model", "tiny-sd1", "--lora-dir", str(out), "--quiet",
-                 "--set", f"lora_data_directory={data}", "--set", "image_size(height, width)=64",
-                 "--set", "image_buckets_step=32", "--set", "image_min_length=32", "--set", "train_iterations=2",
-                 "--set", "train_batch_size=1", "--set", "save_lora_name=here", "--set", "effect_check=false"])
+                 *_tiny_lora_sets(data, 2, "here"), "--set", "effect_check=false"])
     assert code == 0
     logs = list((out / "logs").rglob("here-*.csv"))
     assert len(logs) == 1  # not in the install folder's logs/

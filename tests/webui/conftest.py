@@ -18,18 +18,23 @@ def _drop_fake_modules() -> None:
         del sys.modules[key]
 
 
-@pytest.fixture(autouse=True)
-def fake_webui(monkeypatch, tmp_path):
-    """A fresh fake Web-UI: ``modules.shared`` etc. importable, state reset, Lora dir in tmp_path."""
+def _fresh_webui(root: Path, monkeypatch, tmp_path):
+    """Import the fake ``modules`` from ``root`` (fresh), reset its state, put its folders in tmp_path."""
     _drop_fake_modules()
-    monkeypatch.syspath_prepend(str(FAKE))
+    monkeypatch.syspath_prepend(str(root))
     from modules import paths, shared
 
     shared.reset()
     shared.cmd_opts.lora_dir = str(tmp_path / "Lora")
     paths.models_path = str(tmp_path / "models")
     paths.data_path = str(tmp_path)
-    yield shared
+    return shared
+
+
+@pytest.fixture(autouse=True)
+def fake_webui(monkeypatch, tmp_path):
+    """A fresh fake Web-UI: ``modules.shared`` etc. importable, state reset, Lora dir in tmp_path."""
+    yield _fresh_webui(FAKE, monkeypatch, tmp_path)
     _drop_fake_modules()
 
 
@@ -76,15 +81,10 @@ def forge(fake_webui, models, monkeypatch, tmp_path):
     """Forge Neo as a real build starts: checkpoints ``base`` (SD1) and ``xl`` (SDXL) listed, ``base``
     selected in the dropdown, nothing loaded (``shared.sd_model`` is None until a generation, or a job,
     calls ``forge_model_reload``, which builds the engine under inference mode)."""
-    _drop_fake_modules()
-    monkeypatch.syspath_prepend(str(FAKE_FORGE))
+    shared = _fresh_webui(FAKE_FORGE, monkeypatch, tmp_path)
     import fake_forge_models
-    from modules import paths, sd_models, shared
+    from modules import sd_models
 
-    shared.reset()
-    shared.cmd_opts.lora_dir = str(tmp_path / "Lora")
-    paths.models_path = str(tmp_path / "models")
-    paths.data_path = str(tmp_path)
     for title, make in (("base.safetensors [abc]", fake_forge_models.forge_sd1),
                         ("xl.safetensors [def]", fake_forge_models.forge_sdxl)):
         sd_models.checkpoints_list[title] = sd_models.CheckpointInfo(title, f"/m/{title.split()[0]}", title.split(".")[0], make)
