@@ -38,6 +38,19 @@ def pick_device(preference: str | torch.device | None = None) -> torch.device:
     return torch.device("cpu")
 
 
+def sample_latent(dist: Any, generator: torch.Generator | None = None) -> torch.Tensor:
+    """mean + std · ε of a VAE's latent distribution with ε drawn in float32, whatever the VAE's dtype.
+
+    diffusers draws ε in the VAE's dtype, and torch's bf16/fp16 ``randn`` is a different stream from its
+    float32 one (torch 2.11 on CPU: a bf16 VAE then encodes a different sample, 135% away, not a rounded
+    one). Drawn in float32 the precision only rounds; in float32 this is diffusers' draw bit for bit.
+    """
+    mean, std = dist.mean.float(), dist.std.float()
+    where = generator.device if generator is not None else mean.device
+    eps = torch.randn(mean.shape, generator=generator, device=where, dtype=torch.float32)
+    return mean + std * eps.to(mean.device)
+
+
 class DiffusersBundle:
     """A diffusers model ready for adapter training (implements ``ModelBundle``).
 
@@ -130,7 +143,7 @@ class DiffusersBundle:
         """(B, 3, H, W) in [-1, 1] -> scaled latent samples (B, C, H/8, W/8), float32, on ``device``."""
         vae_device = next(self.vae.parameters()).device
         dist = self.vae.encode(pixels.to(vae_device, self.vae_dtype)).latent_dist
-        sample = dist.sample(generator=generator)
+        sample = sample_latent(dist, generator)
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
         latents = (sample.float() - shift) * float(self.vae.config.scaling_factor)
         return latents.to(self.device)
