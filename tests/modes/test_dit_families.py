@@ -21,10 +21,6 @@ pytestmark = pytest.mark.skipif(
 
 
 MODELS = ("tiny-zimage", "tiny-anima")
-# The image-pair promises (ADDifT, Difference) are shown on tiny-zimage only: on tiny-anima both modes train
-# and change the output, but the held-out direction came out reversed (ADDifT ±0.25: −3.0/+3.0, Difference
-# −93) at every learning rate tried; an open issue of the tiny Anima, not hidden by a weaker test.
-PAIR_MODELS = ("tiny-zimage",)
 SIGMAS = torch.tensor([0.2, 0.4, 0.6, 0.8])
 
 
@@ -136,7 +132,7 @@ def _pair_latents(bundle, pair):
     return [t.expand(4, -1, -1, -1) for t in x.split(1)]
 
 
-@pytest.mark.parametrize("model", PAIR_MODELS)
+@pytest.mark.parametrize("model", MODELS)
 def test_addift_is_a_signed_slider(trainer, image_pair, model):
     orig, targ = image_pair
     result = trainer.run(mode="ADDifT", model=model, save_lora_name="a", train_iterations=30, train_learning_rate="2e-3",
@@ -162,7 +158,7 @@ def test_addift_is_a_signed_slider(trainer, image_pair, model):
     assert shifts[1.0] > shifts[-1.0], shifts
 
 
-@pytest.mark.parametrize("model", PAIR_MODELS)
+@pytest.mark.parametrize("model", MODELS)
 def test_difference_moves_the_original_towards_the_target(trainer, image_pair, model):
     orig, targ = image_pair
     result = trainer.run(mode="Difference", model=model, save_lora_name="d", train_iterations=40, train_learning_rate="1e-2",
