@@ -75,6 +75,7 @@ SCHEDULERS: tuple[str, ...] = (
     "multi_step", "reduce_on_plateau", "cyclic", "one_cycle",
 )  # fmt: skip
 SAMPLE_SAMPLERS = ("Euler", "DDIM")
+FLOW_SAMPLINGS = ("model", "uniform", "sigmoid", "logit_normal")  # "model": the family's choice
 MAX_IMAGE_PX = 8192  # a side beyond this is a typo (an SDXL latent of 8192 px already needs ~100 GB to train)
 _PRECISION_ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 _TRUE = {"true", "1", "yes", "on"}
@@ -445,6 +446,17 @@ FIELDS: tuple[Field, ...] = (
     _opt(2, "multires_noise_discount", float, 0.3,
          "Weight of each coarser multires level: level i counts discount^i (lower = weaker coarse noise), "
          "as kohya. Typical: 0.3; 0.8 with few images.", modes=_NOISED, **_D2, **_range(0, 1, above=True), label="Multi-res noise falloff", group="noise"),
+    _opt(2, "flow_timestep_sampling", str, "model",
+         "Flow-matching models only (Z-Image, Anima; SD refuses a choice here): how the noise level sigma is drawn "
+         "before the shift. model = the family's choice (logit_normal); uniform spreads over all levels; sigmoid "
+         "and logit_normal draw sigmoid(N(0,1)), centred on the middle (the same draw, under both names trainers "
+         "use). train_min/max_timesteps still bound it (as sigma x 1000).", choices=FLOW_SAMPLINGS, **_DD,
+         label="Flow sigma sampling", group="noise"),
+    _opt(2, "flow_shift", float, 0.0,
+         "Flow-matching models only (SD refuses a value here): the timestep shift s, sigma' = s*sigma/(1+(s-1)*sigma); "
+         "higher trains more at high noise (composition). 0 = the family's scheduler config (Z-Image, Anima: 3; "
+         "resolution-dependent where the config says so). Typical: 0, or 1-6.", **_range(0, 100),
+         label="Flow shift", group="noise"),
     _opt(3, "sample_every_n_steps", int, 0,
          "Render preview images every N steps (and at the end) into logs/<run>/samples/, shown live in the tab. "
          "iLECO/Difference/ADDifT show a strip at LoRA weight -1, 0, +1. Costs time; 0 = off.", **_D2, **_range(0), label="Preview every N steps", group="previews"),

@@ -21,10 +21,6 @@ pytestmark = pytest.mark.skipif(
 
 
 MODELS = ("tiny-zimage", "tiny-anima")
-# The image-pair promises (ADDifT, Difference) are shown on tiny-zimage only: on tiny-anima both modes train
-# and change the output, but the held-out direction came out reversed (ADDifT ±0.25: −3.0/+3.0, Difference
-# −93) at every learning rate tried; an open issue of the tiny Anima, not hidden by a weaker test.
-PAIR_MODELS = ("tiny-zimage",)
 SIGMAS = torch.tensor([0.2, 0.4, 0.6, 0.8])
 
 
@@ -136,7 +132,7 @@ def _pair_latents(bundle, pair):
     return [t.expand(4, -1, -1, -1) for t in x.split(1)]
 
 
-@pytest.mark.parametrize("model", PAIR_MODELS)
+@pytest.mark.parametrize("model", MODELS)
 def test_addift_is_a_signed_slider(trainer, image_pair, model):
     orig, targ = image_pair
     result = trainer.run(mode="ADDifT", model=model, save_lora_name="a", train_iterations=30, train_learning_rate="2e-3",
@@ -162,7 +158,7 @@ def test_addift_is_a_signed_slider(trainer, image_pair, model):
     assert shifts[1.0] > shifts[-1.0], shifts
 
 
-@pytest.mark.parametrize("model", PAIR_MODELS)
+@pytest.mark.parametrize("model", MODELS)
 def test_difference_moves_the_original_towards_the_target(trainer, image_pair, model):
     orig, targ = image_pair
     result = trainer.run(mode="Difference", model=model, save_lora_name="d", train_iterations=40, train_learning_rate="1e-2",
@@ -198,6 +194,73 @@ def test_flow_refuses_noise_offset(trainer, image_folder):
     with pytest.raises(SettingsError, match="noise_offset"):
         trainer.run(mode="LoRA", model="tiny-zimage", save_lora_name="n", train_iterations=2,
                     lora_data_directory=str(image_folder), noise_offset=0.05)
+
+
+def test_flow_refuses_v_prediction(trainer, image_folder):
+    with pytest.raises(SettingsError, match="model_v_pred: a flow-matching model already predicts the velocity"):
+        trainer.run(mode="LoRA", model="tiny-anima", save_lora_name="v", train_iterations=2,
+                    lora_data_directory=str(image_folder), train_snr_gamma=0, model_v_pred=True)
+
+
+# -- the flow settings ----------------------------------------------------------------------------------
+
+
+def _settings(**values):
+    from trainer.settings import Settings
+
+    from .conftest import BASE
+
+    return Settings.from_layers(BASE, {"mode": "LoRA", **values})
+
+
+def _draws(objective, latent_hw=(128, 128)) -> torch.Tensor:
+    return objective.sample_t(4000, 0, 1000, fixed_in_batch=False, generator=torch.Generator().manual_seed(2),
+                              device=torch.device("cpu"), latent_hw=latent_hw)
+
+
+def test_flow_settings_replace_the_familys_sampling_and_shift():
+    from types import SimpleNamespace
+
+    from trainer.modes.objective import objective_for
+
+    bundle = SimpleNamespace(flow=FlowSchedule(shift=3.0), flow_sampling="logit_normal")
+    family = objective_for(bundle, _settings())
+    assert (family.sampling, family.schedule.shift) == ("logit_normal", 3.0)
+    assert float(_draws(family).mean()) > 0.65  # shift 3 moves the centred draws up (0.5 → 0.75 at the median)
+    plain = objective_for(bundle, _settings(flow_timestep_sampling="uniform", flow_shift=1))
+    drawn = _draws(plain)
+    assert abs(float(drawn.mean()) - 0.5) < 0.03 and float(drawn.std()) > 0.27  # unshifted uniform
+    # a set shift is constant: it replaces a resolution-dependent one (e^1.15 ≈ 3.16 at 4096 tokens)
+    dynamic = SimpleNamespace(flow=FlowSchedule(dynamic=True), flow_sampling="logit_normal")
+    assert objective_for(dynamic, _settings()).schedule.shift_for((128, 128)) == pytest.approx(3.158, abs=1e-3)
+    assert objective_for(dynamic, _settings(flow_shift=2)).schedule.shift_for((128, 128)) == 2.0
+
+
+@pytest.mark.parametrize(("key", "value"), [("flow_timestep_sampling", "uniform"), ("flow_shift", 3.0)])
+def test_ddpm_models_refuse_the_flow_settings(key, value):
+    from types import SimpleNamespace
+
+    from trainer.modes.objective import objective_for
+
+    sd = SimpleNamespace(alphas_cumprod=torch.linspace(0.999, 0.01, 1000), v_pred=False)
+    assert isinstance(objective_for(sd, _settings()), DDPMObjective)  # the defaults leave SD as it was
+    with pytest.raises(SettingsError, match=f"^{key}: .* applies to flow-matching models"):
+        objective_for(sd, _settings(**{key: value}))
+
+
+def test_a_run_trains_with_the_chosen_flow_settings(trainer, image_folder, monkeypatch):
+    seen = []
+    original = FlowObjective.__init__
+
+    def spy(self, schedule, sampling="logit_normal", **kwargs):
+        seen.append((schedule.shift, sampling))
+        original(self, schedule, sampling, **kwargs)
+
+    monkeypatch.setattr(FlowObjective, "__init__", spy)
+    result = trainer.run(mode="LoRA", model="tiny-anima", save_lora_name="f", train_iterations=2, train_snr_gamma=0,
+                         lora_data_directory=str(image_folder), flow_shift=1.5, flow_timestep_sampling="uniform",
+                         effect_check=False)
+    assert result["status"] == "done" and seen == [(1.5, "uniform")]
 
 
 @pytest.mark.parametrize("model", MODELS)

@@ -102,8 +102,40 @@ def build_tiny_dit(name: str) -> DiTParts:
             transformer, vae = CosmosTransformer3DModel(**tcfg), AutoencoderKLQwenImage(**vcfg)
             adapter, family, tokenizer_2 = LLMAdapter(**_read(name, "llm_adapter")), Family.ANIMA, ByteT5Tokenizer()
         _sharpen(transformer)
+        _calibrate_posterior(vae)
     return DiTParts(family, transformer, text_encoder, tokenizer, vae, _read(name, "scheduler"), name,
                     adapter=adapter, tokenizer_2=tokenizer_2)
+
+
+# log-variance of the tiny VAEs' latent posterior: σ = e^(−5) ≈ 0.007, about what trained VAEs give
+_LOGVAR = -10.0
+
+
+@torch.no_grad()
+def _calibrate_posterior(vae: torch.nn.Module) -> None:
+    """Give the random VAE a trained VAE's posterior: narrow, with latents of unit spread once normalised.
+
+    Seeded at random, the layer that yields (mean, log-variance) gives log-variance ≈ 0, so a latent
+    "sample" is mostly its unit noise (two draws of one image differed more than two different images, and
+    latents a run encoded were not the ones a test encoded), and the tiny Wan encoder's means vary ~15× less
+    than its ``latents_std``, so images barely differed after normalising. The log-variance rows become the
+    constant ``_LOGVAR``; the mean rows are scaled so that normalised latents of a seeded test image have
+    unit standard deviation, as a trained VAE's do.
+    """
+    conv = vae.quant_conv if getattr(vae, "quant_conv", None) is not None else vae.encoder.conv_out
+    half = conv.weight.shape[0] // 2  # DiagonalGaussianDistribution: mean, logvar = chunk(2, dim=1)
+    conv.weight[half:].zero_()
+    conv.bias[half:].fill_(_LOGVAR)
+    image = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(_SEED)) * 2 - 1
+    video = getattr(vae.config, "z_dim", None) is not None
+    mean = vae.encode(image.unsqueeze(2) if video else image).latent_dist.mean.float()
+    if video:  # per-channel std (Wan): latents = (z − mean_c) / std_c
+        spread = torch.tensor(vae.config.latents_std).mean()
+    else:  # latents = (z − shift) · scaling_factor
+        spread = torch.tensor(1.0 / vae.config.scaling_factor)
+    factor = float(spread / mean.std())
+    conv.weight[:half].mul_(factor)
+    conv.bias[:half].mul_(factor)
 
 
 @torch.no_grad()

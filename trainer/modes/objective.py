@@ -17,6 +17,7 @@ Settings keep their DDPM units: ``train_min/max_timesteps`` in [0, 1000] become 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
@@ -25,6 +26,7 @@ import torch
 
 from trainer.errors import SettingsError
 from trainer.modes.common import DenoiseLoss, NoiseSchedule, sample_timesteps
+from trainer.settings import FLOW_SAMPLINGS
 
 
 @runtime_checkable
@@ -116,7 +118,7 @@ class FlowSchedule:
         return s * sigma / (1 + (s - 1) * sigma)
 
 
-FLOW_SAMPLING = ("uniform", "sigmoid", "logit_normal")
+FLOW_SAMPLING = FLOW_SAMPLINGS[1:]  # the settings' choices less "model" (the family's own)
 
 
 class FlowObjective:
@@ -162,19 +164,35 @@ class FlowObjective:
 
 
 def objective_for(bundle, settings=None) -> Objective:
-    """The bundle's objective: flow when it carries a ``flow`` schedule, DDPM over its ᾱ table otherwise."""
+    """The bundle's objective: flow when it carries a ``flow`` schedule, DDPM over its ᾱ table otherwise.
+
+    ``settings.flow_timestep_sampling`` ("model" = the bundle's choice) and ``settings.flow_shift`` (0 = the
+    family's scheduler config, dynamic shift included; s > 0 = that constant shift) shape the flow draws.
+
+    Raises:
+        SettingsError: a flow setting chosen for a DDPM model, where it would silently mean nothing.
+    """
+    sampling = str(getattr(settings, "flow_timestep_sampling", "model") or "model")
+    shift = float(getattr(settings, "flow_shift", 0.0) or 0.0)
     flow = getattr(bundle, "flow", None)
     if flow is None:
+        if sampling != "model":
+            raise SettingsError("flow_timestep_sampling", f"'{sampling}' applies to flow-matching models (Z-Image, "
+                                                          "Anima) only; this model is DDPM: set it to model")
+        if shift:
+            raise SettingsError("flow_shift", f"{shift:g} applies to flow-matching models (Z-Image, Anima) only; "
+                                              "this model is DDPM: set flow_shift 0")
         return DDPMObjective(NoiseSchedule(bundle.alphas_cumprod), bool(bundle.v_pred))
-    sampling = str(getattr(settings, "flow_timestep_sampling", "") or getattr(bundle, "flow_sampling", "logit_normal"))
-    return FlowObjective(flow, sampling)
+    if shift:
+        flow = dataclasses.replace(flow, shift=shift, dynamic=False)
+    return FlowObjective(flow, getattr(bundle, "flow_sampling", "logit_normal") if sampling == "model" else sampling)
 
 
 def check_flow_settings(s, note) -> None:
     """Refuse the DDPM-only noise tweaks on a flow model; note that min-SNR does not apply.
 
     Raises:
-        SettingsError: noise offset or multires noise set for a flow-matching model.
+        SettingsError: noise offset, multires noise or v-prediction set for a flow-matching model.
     """
     from trainer.settings import FIELD_BY_KEY
 
@@ -185,6 +203,9 @@ def check_flow_settings(s, note) -> None:
         if int(s.multires_noise_iterations) > 0:
             raise SettingsError("multires_noise_iterations", "pyramid noise is a DDPM remedy and breaks the flow "
                                                              "path x = (1−σ)·x₀ + σ·ε; set multires_noise_iterations 0")
+    if bool(getattr(s, "model_v_pred", False)):
+        raise SettingsError("model_v_pred", "a flow-matching model already predicts the velocity ε − x₀; "
+                                            "v-prediction is a DDPM target: untick model_v_pred")
     if float(getattr(s, "train_snr_gamma", 0) or 0) > 0:
         note("train_snr_gamma: min-SNR weighting is a DDPM notion; this flow-matching model trains unweighted "
              "(set train_snr_gamma 0 to silence this)")
