@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from trainer.models.bundle import Cond, Family, UNetShape
+from trainer.models.diffusers_runtime import sample_latent
 from trainer.modes.objective import FlowSchedule
 
 # Qwen3's chat template for one user turn with the generation prompt (Z-Image's pipeline, thinking on)
@@ -167,7 +168,7 @@ class DiTBundle:
         vae_device = next(self.vae.parameters()).device
         x = pixels.to(vae_device, self.dtype)
         x = x.unsqueeze(2) if self._video_vae() else x
-        z = self.vae.encode(x).latent_dist.sample(generator=generator).float()
+        z = sample_latent(self.vae.encode(x).latent_dist, generator)
         z = z.squeeze(2) if self._video_vae() else z
         shift, scale = self._latent_stats(z)
         return ((z - shift) * scale).to(self.device)
