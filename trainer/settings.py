@@ -463,10 +463,12 @@ FIELDS: tuple[Field, ...] = (
     _f("model", str, "", "Base checkpoint to train on. In the Web-UI, empty = the model it has loaded (Forge/Neo: the one selected in its checkpoint dropdown).", section="job", label="Model", **_DD, group="job"),
     _f("vae", str, "", "VAE for encoding images; empty = the checkpoint's own.", section="job", column=2,
        label="VAE", **_DD, group="job"),
-    _f("te", str, "", "Text-encoder file for a model kept as separate files (Z-Image: the transformer file in Model, "
-       "Qwen3-4B qwen_3_4b.safetensors here, the Flux VAE ae.safetensors in VAE); its tokenizer is found offline "
-       "(a tokenizer/ folder beside it, Forge Neo's or ComfyUI's copy, the Hugging Face cache). Empty for checkpoints "
-       "that carry their own. Standalone/CLI only.", section="job", column=2, label="Text encoder", **_DD, group="job"),
+    _f("te", str, "", "Text-encoder file for a model kept as separate files, the transformer file in Model: Z-Image "
+       "takes Qwen3-4B (qwen_3_4b.safetensors) with the Flux VAE (ae.safetensors), Anima Qwen3-0.6B "
+       "(qwen_3_06b_base.safetensors) with the Qwen-Image VAE (qwen_image_vae.safetensors). Tokenizers are found "
+       "offline (tokenizer/, tokenizer_2/ beside it, Forge Neo's or ComfyUI's copy, the Hugging Face cache). Empty for "
+       "checkpoints that carry their own. Standalone/CLI only.", section="job", column=2, label="Text encoder", **_DD,
+       group="job"),
     _f("original prompt", str, "",
        "iLECO: the concept to change. Difference/ADDifT/Multi-ADDifT: conditioning prompt for the original image "
        "(empty = unconditional).", modes=_PROMPTED, section="job", label="Original prompt", **_TA, group="job"),

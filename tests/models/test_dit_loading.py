@@ -71,7 +71,7 @@ def test_single_dit_files_are_named_with_the_fix(tmp_path):
         load_bundle(str(zimage), device="cpu")
     anima = tmp_path / "anima.safetensors"
     save_file({"net.llm_adapter.embed.weight": torch.ones(2, 2)}, str(anima))
-    with pytest.raises(InputError, match="Anima checkpoint"):
+    with pytest.raises(InputError, match="Anima transformer file: load it as .safetensors with its text encoder"):
         load_bundle(str(anima), device="cpu")
 
 
@@ -250,3 +250,100 @@ def test_the_cli_trains_ileco_on_a_neo_file_set(zimage_files, tmp_path):
     state, meta = load_lora(result["lora_path"])
     assert meta["ss_base_model_version"] == "zimage" and meta["modelspec.prediction_type"] == "flow"
     assert any(k.startswith("diffusion_model.layers.0.attention.to_q.") for k in state)
+
+
+# -- the Anima single-file set (transformer with its LLM adapter + Qwen3-0.6B + Qwen-Image VAE files) --------
+
+
+def _byte_t5_fast():
+    """A saveable T5-like tokenizer giving the built-in's ByteT5Tokenizer ids (pad 0, eos 1, byte b -> 3 + b)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    from trainer.models.tiny_dit import _byte_order
+    from trainer.models.tokenizer import _byte_symbols
+
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{s: 3 + _byte_order(s) for s in _byte_symbols()}}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(["<pad>", "</s>", "<unk>"])
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+
+
+@pytest.fixture(scope="module")
+def anima_files(tmp_path_factory):
+    """The tiny Anima as a ComfyUI user keeps it (``net.`` keys, ``llm_adapter.`` inside)."""
+    from trainer.models.anima_files import save_anima_files
+
+    parts = build_tiny_dit("tiny-anima")
+    paths = save_anima_files(parts, tmp_path_factory.mktemp("comfy") / "models", tokenizer_2=_byte_t5_fast())
+    return tuple(str(p) for p in paths)
+
+
+def test_the_anima_file_set_loads_offline_and_predicts_as_the_builtin(anima_files):
+    from safetensors import safe_open
+
+    dit, te, vae = anima_files
+    with safe_open(dit, "pt") as f:  # the released layout: Cosmos native names under net., the adapter inside
+        keys = set(f.keys())
+    assert {"net.blocks.0.self_attn.q_proj.weight", "net.blocks.0.adaln_modulation_cross_attn.1.weight",
+            "net.x_embedder.proj.1.weight", "net.t_embedding_norm.weight", "net.final_layer.linear.weight",
+            "net.llm_adapter.blocks.0.cross_attn.k_norm.weight", "net.llm_adapter.norm.weight"} <= keys
+    loaded = load_bundle(dit, vae, device="cpu", text_encoder=te)
+    builtin = load_bundle("tiny-anima", device="cpu")
+    assert loaded.family.value == "anima" and loaded.flow.shift == 3.0
+    assert list(loaded.vae.config.latents_std) == list(builtin.vae.config.latents_std)  # per-channel, from the config
+    out, ref = _prediction(loaded), _prediction(builtin)
+    assert ref.abs().mean() > 0.1 and torch.allclose(out, ref, atol=1e-5), float((out - ref).abs().max())
+
+
+def test_our_wan_vae_names_are_diffusers_converters_for_the_released_layout():
+    """Two residual blocks per level (the released Wan 2.1 / Qwen-Image VAE): diffusers' own converter reads our
+    native names back to the same parameters; its hard-coded indices are what our formula gives."""
+    from diffusers import AutoencoderKLQwenImage
+    from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
+
+    from trainer.models.anima_files import wan_to_native
+
+    vae = AutoencoderKLQwenImage(base_dim=8, num_res_blocks=2)
+    state = vae.state_dict()
+    native = wan_to_native(state, 2)
+    assert "decoder.upsamples.4.shortcut.weight" in native and "decoder.upsamples.11.resample.1.weight" in native
+    back = convert_wan_vae_to_diffusers(native)
+    assert back.keys() == state.keys() and all(back[k] is state[k] for k in state)
+
+
+def test_anima_bad_input_is_one_line_before_any_weight_is_read(anima_files, zimage_files, monkeypatch):
+    dit, te, vae = anima_files
+    _refuses_before_reading(monkeypatch, "Anima transformer without its text encoder: choose the Qwen3-0.6B file .* "
+                                         "in the text_encoder field", dit, vae, None)
+    _refuses_before_reading(monkeypatch, "text_encoder: is not a Qwen3 text encoder file", dit, vae, vae)
+    _refuses_before_reading(monkeypatch, "vae: is not a Qwen-Image/Wan VAE file", dit, zimage_files[3], te)
+    _refuses_before_reading(monkeypatch, "Anima transformer without a VAE: choose the Qwen-Image VAE", dit, None, te)
+
+
+def test_anima_wrong_text_encoder_size_and_missing_t5_tokenizer(anima_files, tmp_path, monkeypatch):
+    import shutil
+
+    import huggingface_hub.constants
+    from safetensors.torch import save_file
+    from transformers import Qwen3Config, Qwen3Model
+
+    from trainer.models.anima_files import find_t5_tokenizer
+
+    dit, te, vae = anima_files
+    wide = Qwen3Model(Qwen3Config(vocab_size=300, hidden_size=48, intermediate_size=32, num_hidden_layers=1,
+                                  num_attention_heads=2, num_key_value_heads=1, head_dim=8))
+    path = tmp_path / "qwen_3_4b.safetensors"
+    save_file({"model." + k: v.contiguous() for k, v in wide.state_dict().items()}, str(path))
+    _refuses_before_reading(monkeypatch, "text_encoder: has hidden size 48 but Anima's LLM adapter reads 32 "
+                                         r"\(Qwen3-0.6B\)", dit, vae, str(path))
+    lonely = tmp_path / "alone" / "qwen_3_06b_base.safetensors"
+    lonely.parent.mkdir()
+    shutil.copy(te, lonely)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty_cache"))
+    with pytest.raises(InputError, match="text_encoder: no T5 tokenizer found offline .*alone/tokenizer_2"):
+        find_t5_tokenizer(str(lonely))
+    assert find_t5_tokenizer(te).name == "tokenizer_2"  # the one beside the ComfyUI file

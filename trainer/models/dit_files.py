@@ -88,7 +88,7 @@ def is_zimage(keys: Iterable[str]) -> bool:
     return any(k.endswith("context_refiner.0.attention.k_norm.weight") for k in keys)
 
 
-def _count(keys: Iterable[str], pattern: str) -> int:
+def count_indices(keys: Iterable[str], pattern: str) -> int:
     found = {int(m[1]) for k in keys if (m := re.match(pattern, k))}
     return max(found) + 1 if found else 0
 
@@ -106,7 +106,7 @@ def transformer_config(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any]:
     axes = [head_dim * a // sum(base_axes) for a in base_axes]
     axes[0] += head_dim - sum(axes)
     cfg.update(dim=dim, n_heads=n_heads, n_kv_heads=(qkv - n_heads) // 2, axes_dims=axes,
-               n_layers=_count(shapes, r"layers\.(\d+)\."), n_refiner_layers=_count(shapes, r"noise_refiner\.(\d+)\."),
+               n_layers=count_indices(shapes, r"layers\.(\d+)\."), n_refiner_layers=count_indices(shapes, r"noise_refiner\.(\d+)\."),
                cap_feat_dim=shapes["cap_embedder.1.weight"][1],
                in_channels=shapes["x_embedder.weight"][1] // (patch * patch * frames))
     return cfg
@@ -118,7 +118,7 @@ def text_encoder_config(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any]
     vocab, hidden = shapes["embed_tokens.weight"]
     head_dim = shapes["layers.0.self_attn.q_norm.weight"][0]
     cfg.update(vocab_size=vocab, hidden_size=hidden, head_dim=head_dim,
-               num_hidden_layers=_count(shapes, r"layers\.(\d+)\."),
+               num_hidden_layers=count_indices(shapes, r"layers\.(\d+)\."),
                intermediate_size=shapes["layers.0.mlp.gate_proj.weight"][0],
                num_attention_heads=shapes["layers.0.self_attn.q_proj.weight"][0] // head_dim,
                num_key_value_heads=shapes["layers.0.self_attn.k_proj.weight"][0] // head_dim)
@@ -142,10 +142,10 @@ def vae_config(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any]:
     ldm = any(k.startswith("encoder.down.") for k in bare)
     level, block = (r"encoder\.down\.(\d+)\.", r"encoder\.down\.0\.block\.(\d+)\.") if ldm else (
         r"encoder\.down_blocks\.(\d+)\.", r"encoder\.down_blocks\.0\.resnets\.(\d+)\.")
-    levels = _count(bare, level)
+    levels = count_indices(bare, level)
     conv1 = "encoder.down.{}.block.0.conv1.weight" if ldm else "encoder.down_blocks.{}.resnets.0.conv1.weight"
     cfg.update(block_out_channels=[bare[conv1.format(i)][0] for i in range(levels)],
-               layers_per_block=_count(bare, block), latent_channels=bare["encoder.conv_out.weight"][0] // 2,
+               layers_per_block=count_indices(bare, block), latent_channels=bare["encoder.conv_out.weight"][0] // 2,
                down_block_types=["DownEncoderBlock2D"] * levels, up_block_types=["UpDecoderBlock2D"] * levels,
                use_quant_conv="quant_conv.weight" in bare, use_post_quant_conv="post_quant_conv.weight" in bare)
     return cfg
@@ -198,7 +198,7 @@ def check_zimage_set(transformer: str, text_encoder: str, vae: str) -> tuple[dic
 
 # -- tokenizer -----------------------------------------------------------------------------------------
 
-def _has_tokenizer(folder: Path) -> bool:
+def has_tokenizer(folder: Path) -> bool:
     return folder.is_dir() and any(all((folder / f).is_file() for f in files) for files in _TOKENIZER_FILES)
 
 
@@ -216,7 +216,7 @@ def tokenizer_candidates(*files: str) -> list[Path]:
     return list(dict.fromkeys(out))
 
 
-def _hf_cached(repo: str, sub: str) -> Path | None:
+def hf_cached(repo: str, sub: str) -> Path | None:
     from huggingface_hub import snapshot_download
 
     try:
@@ -225,7 +225,7 @@ def _hf_cached(repo: str, sub: str) -> Path | None:
     except Exception:  # noqa: BLE001 - huggingface_hub raises several types for "not in the cache"
         return None
     folder = Path(root) / sub if sub else Path(root)
-    return folder if _has_tokenizer(folder) else None
+    return folder if has_tokenizer(folder) else None
 
 
 def find_qwen_tokenizer(text_encoder: str, transformer: str = "") -> Path:
@@ -236,10 +236,10 @@ def find_qwen_tokenizer(text_encoder: str, transformer: str = "") -> Path:
         InputError: none found; names the ``text_encoder`` field and where to put the files.
     """
     for folder in tokenizer_candidates(text_encoder, transformer):
-        if _has_tokenizer(folder):
+        if has_tokenizer(folder):
             return folder
     for repo, sub in _HF_TOKENIZERS:
-        found = _hf_cached(repo, sub)
+        found = hf_cached(repo, sub)
         if found is not None:
             return found
     beside = Path(text_encoder).resolve().parent / "tokenizer"
@@ -249,7 +249,7 @@ def find_qwen_tokenizer(text_encoder: str, transformer: str = "") -> Path:
 
 # -- loading -------------------------------------------------------------------------------------------
 
-def _load(path: str, what: str, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+def load_part(path: str, what: str, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     from trainer.models.components import load_strict
 
     try:
@@ -290,17 +290,17 @@ def load_zimage_files(transformer: str, text_encoder: str, vae: str, *,
         te_model = Qwen3Model(Qwen3Config(**te_cfg))
         vae_model = AutoencoderKL(**v_cfg) if not os.path.isdir(vae) else None
     state = strip(read_state_dict(transformer, dtype)[0], DIT_PREFIXES)
-    _load(transformer, "model", dit_model, convert_z_image_transformer_checkpoint_to_diffusers(state))
+    load_part(transformer, "model", dit_model, convert_z_image_transformer_checkpoint_to_diffusers(state))
     state = {k: v for k, v in strip(read_state_dict(text_encoder, dtype)[0], TE_PREFIXES).items() if k != "lm_head.weight"}
-    _load(text_encoder, "text_encoder", te_model, state)
-    _rebuild_rotary(te_model)
+    load_part(text_encoder, "text_encoder", te_model, state)
+    rebuild_rotary(te_model)
     if vae_model is None:
         vae_model = AutoencoderKL.from_pretrained(vae, local_files_only=True, **({"torch_dtype": dtype} if dtype else {}))
     else:
         state = read_state_dict(vae, dtype)[0]
         if any(k.startswith(("encoder.down.", "first_stage_model.", "vae.encoder.down.")) for k in state):
             state = vae_from_ldm(state, v_cfg)
-        _load(vae, "vae", vae_model, state)
+        load_part(vae, "vae", vae_model, state)
     del state
     name = Path(transformer).stem
     turbo = "turbo" in name.lower()
@@ -308,7 +308,7 @@ def load_zimage_files(transformer: str, text_encoder: str, vae: str, *,
                     turbo=turbo, notes=[TURBO_NOTE] if turbo else [])
 
 
-def _rebuild_rotary(model: nn.Module) -> None:
+def rebuild_rotary(model: nn.Module) -> None:
     """Qwen3's rotary table is a non-persistent buffer: built on meta, it is never loaded; build it here."""
     rotary = getattr(model, "rotary_emb", None)
     if rotary is not None and any(b.is_meta for b in rotary.buffers()):
@@ -368,14 +368,18 @@ def save_zimage_files(parts: DiTParts, folder: str | Path, *, prefix: str = "", 
 
 def load_dit_file(model: str, vae: str, text_encoder: str, *, device: torch.device,
                   dtype: torch.dtype) -> Any:
-    """A ``DiTBundle`` for a DiT transformer file with its text-encoder and VAE files; None for other files.
+    """A ``DiTBundle`` for a Z-Image or Anima transformer file with its text-encoder and VAE files; None for
+    other files.
 
     Raises:
-        InputError: see :func:`load_zimage_files`.
+        InputError: see :func:`load_zimage_files` and ``anima_files.load_anima_files``.
     """
+    from trainer.models.anima_files import is_anima, load_anima_files
     from trainer.models.dit import DiTBundle
 
     keys = read_shapes(model, "model")
-    if not is_zimage(strip(keys, DIT_PREFIXES)):
-        return None
-    return DiTBundle(load_zimage_files(model, text_encoder, vae, dtype=dtype), device=device, dtype=dtype)
+    if is_zimage(strip(keys, DIT_PREFIXES)):
+        return DiTBundle(load_zimage_files(model, text_encoder, vae, dtype=dtype), device=device, dtype=dtype)
+    if is_anima(keys):
+        return DiTBundle(load_anima_files(model, text_encoder, vae, dtype=dtype), device=device, dtype=dtype)
+    return None
