@@ -320,7 +320,10 @@ def test_anima_bad_input_is_one_line_before_any_weight_is_read(anima_files, zima
     _refuses_before_reading(monkeypatch, "Anima transformer without its text encoder: choose the Qwen3-0.6B file .* "
                                          "in the text_encoder field", dit, vae, None)
     _refuses_before_reading(monkeypatch, "text_encoder: is not a Qwen3 text encoder file", dit, vae, vae)
-    _refuses_before_reading(monkeypatch, "vae: is not a Qwen-Image/Wan VAE file", dit, zimage_files[3], te)
+    _refuses_before_reading(monkeypatch, "vae: is an SD/Flux-style VAE .*; Anima needs the Qwen-Image VAE", dit,
+                            zimage_files[3], te)
+    _refuses_before_reading(monkeypatch, "vae: is a Qwen-Image/Wan VAE \\(Anima's\\); Z-Image needs the Flux VAE",
+                            zimage_files[1], vae, zimage_files[2])
     _refuses_before_reading(monkeypatch, "Anima transformer without a VAE: choose the Qwen-Image VAE", dit, None, te)
 
 
@@ -347,3 +350,66 @@ def test_anima_wrong_text_encoder_size_and_missing_t5_tokenizer(anima_files, tmp
     with pytest.raises(InputError, match="text_encoder: no T5 tokenizer found offline .*alone/tokenizer_2"):
         find_t5_tokenizer(str(lonely))
     assert find_t5_tokenizer(te).name == "tokenizer_2"  # the one beside the ComfyUI file
+
+
+def test_the_real_models_sizes_are_read_back_from_their_shapes():
+    """Built on the meta device from the shipped real configs (Z-Image-Turbo 6.15B, Qwen3-4B, Flux VAE, Anima's
+    1.96B Cosmos DiT + adapter, Qwen3-0.6B, Qwen-Image VAE), written in native names: the configs read from
+    those shapes are the shipped ones, so a real file builds the real architecture."""
+    from diffusers import AutoencoderKL, AutoencoderKLQwenImage, CosmosTransformer3DModel, ZImageTransformer2DModel
+    from transformers import Qwen3Config, Qwen3Model
+
+    from trainer.models import anima_files, dit_files
+    from trainer.models.anima_adapter import LLMAdapter
+    from trainer.models.ldm import vae_to_ldm
+
+    def shapes(state):
+        return {k.removeprefix("first_stage_model."): tuple(v.shape) for k, v in state.items()}
+
+    def real(cfg):
+        return {k: v for k, v in cfg.items() if not k.startswith("_")}
+
+    z_t, z_v = real(dit_files.read_config("transformer")), real(dit_files.read_config("vae"))
+    with torch.device("meta"):
+        zimage, flux_vae = ZImageTransformer2DModel(**z_t), AutoencoderKL(**z_v)
+        qwen4b = Qwen3Model(Qwen3Config(**dit_files.read_config("text_encoder")))
+        cosmos, wan = CosmosTransformer3DModel(**anima_files.read_config("transformer")), AutoencoderKLQwenImage(
+            **anima_files.read_config("vae"))
+        adapter = LLMAdapter(**anima_files.read_config("llm_adapter"))
+        qwen06b = Qwen3Model(Qwen3Config(**anima_files.read_config("text_encoder")))
+    assert 6.1e9 < sum(p.numel() for p in zimage.parameters()) < 6.2e9
+    assert 1.9e9 < sum(p.numel() for p in cosmos.parameters()) < 2.0e9
+    assert dit_files.transformer_config(shapes(dit_files.zimage_to_native(zimage.state_dict()))) == z_t
+    assert dit_files.vae_config(shapes(vae_to_ldm(flux_vae.state_dict(), z_v))) == z_v
+    for model, cfg in ((qwen4b, dit_files.read_config("text_encoder")), (qwen06b, anima_files.read_config("text_encoder"))):
+        got = dit_files.text_encoder_config(shapes(model.state_dict()))
+        assert {k: got[k] for k in cfg} == cfg
+    assert anima_files.transformer_config(shapes(anima_files.cosmos_to_native(cosmos.state_dict()))) == \
+        anima_files.read_config("transformer")
+    assert anima_files.vae_config(shapes(anima_files.wan_to_native(wan.state_dict(), 2))) == anima_files.read_config("vae")
+    assert anima_files.adapter_config(shapes(adapter.state_dict())) == {**anima_files.read_config("llm_adapter"),
+                                                                         "layer_norm": False}
+
+
+def test_the_cli_trains_a_lora_on_an_anima_file_set(anima_files, tmp_path):
+    from PIL import Image
+
+    from trainer.__main__ import main
+    from trainer.network import load_lora
+
+    dit, te, vae = anima_files
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(2):
+        Image.new("RGB", (64, 64), (200, 60 * i, 40)).save(data / f"i{i}.png")
+    result_path = tmp_path / "r.json"
+    sets = {"lora_data_directory": data, "image_size(height, width)": 64, "image_buckets_step": 32, "image_min_length": 32,
+            "train_iterations": 2, "train_batch_size": 1, "save_lora_name": "anima_files", "train_snr_gamma": 0}
+    code = main(["train", "--mode", "LoRA", "--model", dit, "--text-encoder", te, "--vae", vae, "--quiet",
+                 "--lora-dir", str(tmp_path / "out"), "--result-json", str(result_path),
+                 *[a for k, v in sets.items() for a in ("--set", f"{k}={v}")]])
+    result = json.loads(result_path.read_text())
+    assert code in (0, 1) and result["status"] == "done" and result["steps"] == 2, result
+    state, meta = load_lora(result["lora_path"])
+    assert meta["ss_base_model_version"] == "anima"
+    assert any(k.startswith("lora_unet_blocks_0_cross_attn_k_proj.") for k in state)

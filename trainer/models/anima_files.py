@@ -199,8 +199,8 @@ def check_anima_set(transformer: str, text_encoder: str, vae: str) -> tuple[dict
                                       "(qwen_image_vae.safetensors) in the vae field")
     v_shapes = strip(read_shapes(vae, "vae"), VAE_PREFIXES)
     if "encoder.conv1.weight" not in v_shapes or "conv2.weight" not in v_shapes:
-        raise InputError(vae, "vae: is not a Qwen-Image/Wan VAE file (no Wan encoder/decoder weights); choose "
-                              "qwen_image_vae.safetensors")
+        kind = "an SD/Flux-style VAE (2-D)" if "encoder.conv_in.weight" in v_shapes else "not a Qwen-Image/Wan VAE file"
+        raise InputError(vae, f"vae: is {kind}; Anima needs the Qwen-Image VAE: choose qwen_image_vae.safetensors")
     v_cfg = vae_config(v_shapes)
     if v_cfg["z_dim"] != t_cfg["in_channels"]:
         raise InputError(vae, f"vae: has {v_cfg['z_dim']} latent channels but Anima needs {t_cfg['in_channels']} "

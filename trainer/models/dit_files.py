@@ -184,7 +184,11 @@ def check_zimage_set(transformer: str, text_encoder: str, vae: str) -> tuple[dic
         raise InputError(transformer, "is a Z-Image transformer without a VAE: choose the Flux VAE (ae.safetensors) "
                                       "in the vae field")
     try:
-        v_cfg = vae_config(read_shapes(vae, "vae")) if os.path.isfile(vae) or not os.path.isdir(vae) else \
+        v_shapes = read_shapes(vae, "vae") if os.path.isfile(vae) or not os.path.isdir(vae) else None
+        if v_shapes is not None and any(k.endswith("encoder.downsamples.0.residual.0.gamma") for k in v_shapes):
+            raise InputError(vae, "vae: is a Qwen-Image/Wan VAE (Anima's); Z-Image needs the Flux VAE: choose "
+                                  "ae.safetensors")
+        v_cfg = vae_config(v_shapes) if v_shapes is not None else \
             json.loads((Path(vae) / "config.json").read_text(encoding="utf-8"))
     except (KeyError, OSError, ValueError) as err:
         raise InputError(vae, "vae: is not a VAE file (no encoder/decoder weights); choose the Flux VAE "
