@@ -413,3 +413,17 @@ def test_the_cli_trains_a_lora_on_an_anima_file_set(anima_files, tmp_path):
     state, meta = load_lora(result["lora_path"])
     assert meta["ss_base_model_version"] == "anima"
     assert any(k.startswith("lora_unet_blocks_0_cross_attn_k_proj.") for k in state)
+
+
+def test_an_fp8_scaled_file_is_refused_naming_its_field(zimage_files, tmp_path, monkeypatch):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    _, dit, te, vae = zimage_files
+    with safe_open(te, "pt") as f:
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    state["model.layers.0.mlp.down_proj.scale_weight"] = torch.ones(1)  # ComfyUI's "fp8 scaled" marker
+    scaled = tmp_path / "qwen_3_4b_fp8_scaled.safetensors"
+    save_file(state, str(scaled))
+    _refuses_before_reading(monkeypatch, "text_encoder: is an fp8-scaled file .* choose the bf16 or fp16 file", dit, vae,
+                            str(scaled))

@@ -39,6 +39,7 @@ from trainer.models.dit_files import (
     hf_cached,
     load_part,
     read_shapes,
+    refuse_scaled_fp8,
     strip,
     text_encoder_config,
 )
@@ -178,6 +179,7 @@ def check_anima_set(transformer: str, text_encoder: str, vae: str) -> tuple[dict
             source size, a VAE that is not a 16-channel Wan/Qwen-Image VAE.
     """
     shapes = strip(read_shapes(transformer, "model"), ANIMA_PREFIXES)
+    refuse_scaled_fp8(transformer, shapes, "model")
     if not text_encoder:
         raise InputError(transformer, "is an Anima transformer without its text encoder: choose the Qwen3-0.6B file "
                                       "(qwen_3_06b_base.safetensors) in the text_encoder field")
@@ -187,6 +189,7 @@ def check_anima_set(transformer: str, text_encoder: str, vae: str) -> tuple[dict
     except KeyError as err:
         raise InputError(transformer, f"model: an Anima transformer without {err}; the file is incomplete") from err
     te = strip(read_shapes(text_encoder, "text_encoder"), TE_PREFIXES)
+    refuse_scaled_fp8(text_encoder, te, "text_encoder")
     if "layers.0.self_attn.q_norm.weight" not in te or "embed_tokens.weight" not in te:
         raise InputError(text_encoder, "text_encoder: is not a Qwen3 text encoder file; choose Anima's Qwen3-0.6B "
                                        "(qwen_3_06b_base.safetensors)")

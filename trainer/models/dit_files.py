@@ -70,6 +70,17 @@ def read_shapes(path: str, what: str) -> dict[str, tuple[int, ...]]:
         raise InputError(path, f"{what}: cannot be read as .safetensors ({err}); choose a .safetensors file") from err
 
 
+def refuse_scaled_fp8(path: str, keys: Iterable[str], field: str) -> None:
+    """ComfyUI's "fp8 scaled" files keep a scale per weight: cast as they are, the weights would be wrong.
+
+    Raises:
+        InputError: such a file, naming the field and the fix.
+    """
+    if any(k.endswith(("scale_weight", "scaled_fp8", "weight_scale")) for k in keys):
+        raise InputError(path, f"{field}: is an fp8-scaled file (weights with per-tensor scales), which training "
+                               "cannot use; choose the bf16 or fp16 file of the same model")
+
+
 def strip(keys: Mapping[str, Any], prefixes: Iterable[str]) -> dict[str, Any]:
     """The mapping with the first matching prefix removed from each key."""
     prefixes = tuple(prefixes)
@@ -161,6 +172,7 @@ def check_zimage_set(transformer: str, text_encoder: str, vae: str) -> tuple[dic
             transformer's ``cap_feat_dim``, a VAE whose latent channels are not its ``in_channels``.
     """
     dit = strip(read_shapes(transformer, "model"), DIT_PREFIXES)
+    refuse_scaled_fp8(transformer, dit, "model")
     if not is_zimage(dit):
         raise InputError(transformer, "model: is not a Z-Image transformer file; choose a Z-Image checkpoint")
     if not text_encoder:
@@ -171,6 +183,7 @@ def check_zimage_set(transformer: str, text_encoder: str, vae: str) -> tuple[dic
     except KeyError as err:
         raise InputError(transformer, f"model: a Z-Image transformer without {err}; the file is incomplete") from err
     te = strip(read_shapes(text_encoder, "text_encoder"), TE_PREFIXES)
+    refuse_scaled_fp8(text_encoder, te, "text_encoder")
     if "layers.0.self_attn.q_norm.weight" not in te or "embed_tokens.weight" not in te:
         raise InputError(text_encoder, "text_encoder: is not a Qwen3 text encoder file; choose Z-Image's Qwen3-4B "
                                        "(qwen_3_4b.safetensors)")
