@@ -394,7 +394,10 @@ def load_dit_file(model: str, vae: str, text_encoder: str, *, device: torch.devi
     from trainer.models.anima_files import is_anima, load_anima_files
     from trainer.models.dit import DiTBundle
 
-    keys = read_shapes(model, "model")
+    try:
+        keys = read_shapes(model, "model")
+    except InputError:
+        return None  # not a readable safetensors file: the checkpoint loader names what it is
     if is_zimage(strip(keys, DIT_PREFIXES)):
         return DiTBundle(load_zimage_files(model, text_encoder, vae, dtype=dtype), device=device, dtype=dtype)
     if is_anima(keys):
