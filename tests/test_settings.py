@@ -36,9 +36,9 @@ def test_table_has_the_59_reference_keys_in_export_order_then_additions_then_job
     assert REFERENCE_KEYS[31] == "train_fixed_timsteps_in_batch"  # reference typo kept in the key
     assert REFERENCE_KEYS[-1] == "use_2nd_pass_settings"
     job = [f.key for f in FIELDS if f.section == "job"]
-    assert job == ["mode", "model", "vae", "original prompt", "target prompt", "negative prompt",
+    assert job == ["mode", "model", "vae", "te", "original prompt", "target prompt", "negative prompt",
                    "original image", "target image"]
-    assert [f.key for f in FIELDS[-8:]] == job
+    assert [f.key for f in FIELDS[-len(job):]] == job
 
 
 def test_field_attr_label_and_choices():
@@ -142,7 +142,7 @@ def test_round_trip_is_identity():
     assert back == s and warnings == []
     assert data["train_learning_rate"] == "3e-5"  # text kept, not 3e-05
     assert data["train_optimizer"] == "AdamW"
-    assert list(data)[-6:] == ["2nd pass", "mode", "model", "vae", "original prompt", "target prompt"]
+    assert list(data)[-7:] == ["2nd pass", "mode", "model", "vae", "te", "original prompt", "target prompt"]
     assert "negative prompt" not in data and "original image" not in data
     assert "2nd pass" not in Settings.from_layers().to_json_dict()  # Difference only
 
@@ -173,6 +173,7 @@ def test_from_json_warnings_for_unknown_and_legacy_keys():
     s, warnings = Settings.from_json_dict({"network_rank": "8", "frobnicate": 1, "train_fixed_timesteps_in_batch": True,
                                            "image_use_transparent_background_ajust": True, "te": "None"})
     assert s.network_rank == 8 and s.train_fixed_timsteps_in_batch is True
+    assert s.te == ""  # the reference (HEAD) job key: "None" = no separate text encoder, no warning
     assert len(warnings) == 3
     assert any(w.startswith("frobnicate: unknown") for w in warnings)
     assert all(new is None or new in FIELD_BY_KEY for new, _ in LEGACY_KEYS.values())

@@ -24,6 +24,8 @@ def _train_parser(sub) -> None:
     p.add_argument("--mode", help="LoRA, iLECO, Difference, ADDifT or Multi-ADDifT")
     p.add_argument("--model", help="built-in name (tiny-sd1, …), checkpoint file or diffusers folder")
     p.add_argument("--vae", help="VAE file replacing the checkpoint's VAE")
+    p.add_argument("--text-encoder", "--te", dest="te",
+                   help="text-encoder file of a model kept as separate files (Z-Image: qwen_3_4b.safetensors)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any setting by its exact key")
     p.add_argument("--original-prompt")
     p.add_argument("--target-prompt")
@@ -31,7 +33,7 @@ def _train_parser(sub) -> None:
     p.add_argument("--original-image")
     p.add_argument("--target-image")
     p.add_argument("--lora-dir", help="output folder for the LoRA files (default ./output)")
-    p.add_argument("--models-dir", help="folder with Stable-diffusion/, VAE/ and Lora/ subfolders")
+    p.add_argument("--models-dir", help="folder with Stable-diffusion/, VAE/, text_encoder/ and Lora/ subfolders")
     p.add_argument("--logs-dir", help="CSV loss logs and previews (default: logs/ beside the LoRA files)")
     p.add_argument("--json-dir", help="settings snapshots (default: json/ beside the LoRA files)")
     p.add_argument("--device", help="cuda, cpu, mps, cuda:1 … (default: the best available)")
@@ -61,7 +63,8 @@ def build_settings(args: argparse.Namespace):
         for warning in warnings:
             print(f"[warning] {warning}", file=sys.stderr)
         layers.append(base.to_json_dict())
-    flags = {"mode": args.mode, "model": args.model, "vae": args.vae, "original prompt": args.original_prompt,
+    flags = {"mode": args.mode, "model": args.model, "vae": args.vae, "te": args.te,
+             "original prompt": args.original_prompt,
              "target prompt": args.target_prompt, "negative prompt": args.negative_prompt,
              "original image": args.original_image, "target image": args.target_image}
     layers.append({k: v for k, v in flags.items() if v is not None})

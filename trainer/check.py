@@ -108,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("lora")
     parser.add_argument("--model", required=True)
     parser.add_argument("--vae")
+    parser.add_argument("--text-encoder", "--te", dest="te", help="a Z-Image transformer file's Qwen3 file")
     parser.add_argument("--size", type=int, default=512, help="probe size in pixels (files without a stored probe)")
     parser.add_argument("--prompt", default="", help="own prompt (files without a stored probe)")
     parser.add_argument("--images", help="folder holding the training images (or their folder); default: here")
@@ -117,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     from trainer.hosts.standalone import StandaloneHost
 
     host = StandaloneHost(device=args.device)
-    with host.acquire(args.model, args.vae or "", precision="fp32", v_pred=None) as bundle:
+    with host.acquire(args.model, args.vae or "", precision="fp32", v_pred=None, text_encoder=args.te or "") as bundle:
         result = check_lora(args.lora, bundle, size_px=args.size, prompt=args.prompt, images_dir=args.images)
     text = json.dumps(result, indent=2, default=str)
     print(summary_line(result))  # the answer first; the full report follows

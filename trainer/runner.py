@@ -79,7 +79,7 @@ def run_job(
     model = settings.model or host.default_model()
     with host.acquire(model, settings.vae, precision=settings.train_model_precision,
                       v_pred=True if settings.model_v_pred else None,
-                      use_ema=bool(getattr(settings, "model_use_ema", False))) as bundle:
+                      use_ema=bool(getattr(settings, "model_use_ema", False)), text_encoder=settings.te) as bundle:
         ctx = RunContext.create(settings, bundle, events, stop, out, seed, rank=rank, world_size=world_size,
                                 grad_sync=grad_sync)
         for note in getattr(bundle, "notes", ()):  # what the host could not do (e.g. TE training on OpenCLIP)

@@ -475,6 +475,12 @@ FIELDS: tuple[Field, ...] = (
     _f("model", str, "", "Base checkpoint to train on. In the Web-UI, empty = the model it has loaded (Forge/Neo: the one selected in its checkpoint dropdown).", section="job", label="Model", **_DD, group="job"),
     _f("vae", str, "", "VAE for encoding images; empty = the checkpoint's own.", section="job", column=2,
        label="VAE", **_DD, group="job"),
+    _f("te", str, "", "Text-encoder file for a model kept as separate files, the transformer file in Model: Z-Image "
+       "takes Qwen3-4B (qwen_3_4b.safetensors) with the Flux VAE (ae.safetensors), Anima Qwen3-0.6B "
+       "(qwen_3_06b_base.safetensors) with the Qwen-Image VAE (qwen_image_vae.safetensors). Tokenizers are found "
+       "offline (tokenizer/, tokenizer_2/ beside it, Forge Neo's or ComfyUI's copy, the Hugging Face cache). Empty for "
+       "checkpoints that carry their own. Standalone/CLI only.", section="job", column=2, label="Text encoder", **_DD,
+       group="job"),
     _f("original prompt", str, "",
        "iLECO: the concept to change. Difference/ADDifT/Multi-ADDifT: conditioning prompt for the original image "
        "(empty = unconditional).", modes=_PROMPTED, section="job", label="Original prompt", **_TA, group="job"),
@@ -512,13 +518,12 @@ def mode_default(key: str, mode: str) -> Any:
     """The raw default of ``key`` as the tab starts it in ``mode`` (:data:`MODE_DEFAULTS` over the table)."""
     return MODE_DEFAULTS.get(mode, {}).get(key, FIELD_BY_KEY[key].default)
 
-_JSON_JOB_KEYS = ("mode", "model", "vae", "original prompt", "target prompt")  # negative prompt/images: not saved
+_JSON_JOB_KEYS = ("mode", "model", "vae", "te", "original prompt", "target prompt")  # negative prompt/images: not saved
 
 # Keys seen in reference files that we rename or drop: old -> (new key or None, why). One warning each.
 LEGACY_KEYS: dict[str, tuple[str | None, str]] = {
     "train_fixed_timesteps_in_batch": ("train_fixed_timsteps_in_batch", "spelling of the reference key"),
     "image_use_transparent_background_ajust": (None, "removed in the reference in 2025; masks apply in ADDifT only"),
-    "te": (None, "the Z-Image text encoder selection is not supported"),
     "diff_use_fixed_noise": (None, "never used by the reference"),
     "train_optimizer_args": (None, "use train_optimizer_settings"),
     "gradient_accumulation_steps": (None, "not supported; raise train_batch_size"),
@@ -723,8 +728,8 @@ def _coerce(f: Field, value: Any) -> tuple[Any, Any]:
             raise SettingsError("mode", f"unknown mode {text!r}; choose one of {', '.join(MODES)}")
         return text, text
     text = _to_text(f, value)
-    if f.key == "vae" and text.strip() == "None":
-        text = ""  # reference presets write "None" for "no separate VAE"
+    if f.key in ("vae", "te") and text.strip() == "None":
+        text = ""  # reference presets write "None" for "no separate VAE / text encoder"
     return text, text
 
 
@@ -916,7 +921,7 @@ class Settings:
 
     def to_json_dict(self) -> dict[str, Any]:
         """The reference export layout: settings keys in table order, ``2nd pass`` (Difference only), then
-        ``mode``, ``model``, ``vae``, ``original prompt``, ``target prompt``."""
+        ``mode``, ``model``, ``vae``, ``te``, ``original prompt``, ``target prompt``."""
         raw = self.raw
         out = {f.key: raw[f.key] for f in FIELDS if f.section != "job"}
         if self.mode == "Difference":

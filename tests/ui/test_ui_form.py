@@ -42,7 +42,12 @@ def test_changed_widget_values_reach_settings_by_key():
     first.update({"network_rank": "32", "train_learning_rate": "3e-4", "image_size(height, width)": "512,768",
                   "image_mirroring": True, form.BLOCKS_KEY: ["BASE", "IN01", "M00"]})
     job.update({"mode": "iLECO", "model": "tiny-sd1", "vae": form.NO_VAE, "original prompt": "cat"})
+    assert job["te"] == form.NO_VAE  # "None" in the dropdown: the checkpoint's own text encoder
     s = form.settings_from_ui(first, second, job)
+    assert s.te == ""
+    job["te"] = "qwen_3_4b.safetensors"
+    assert form.settings_from_ui(first, second, job).te == "qwen_3_4b.safetensors"
+    job["te"] = form.NO_VAE
     assert (s.network_rank, s.train_learning_rate, s.image_size) == (32, 3e-4, (512, 768))
     assert s.image_mirroring is True and s.network_blocks == ("BASE", "IN01", "M00")
     assert (s.mode, s.model, s.vae, s.original_prompt) == ("iLECO", "tiny-sd1", "", "cat")

@@ -26,6 +26,9 @@ class FakeHost:
     def list_vaes(self):
         return [""]
 
+    def list_text_encoders(self):
+        return ["", "qwen_3_4b.safetensors"]
+
     def default_model(self):
         return "tiny-sd1"
 
@@ -262,3 +265,10 @@ def test_poll_keeps_the_queue_line_and_the_plot_log_list_current(built, monkeypa
     out = tab.poll(seen, True)
     assert out[QUEUE_TEXT] == "Queue finished. Last job: 'a' (done)."  # not "Running the queue." forever
     assert "20260101/a-20260101_120000.csv" in out[LOGS]["choices"]  # a log written after startup
+
+
+def test_the_text_encoder_dropdown_lists_the_hosts_files(built):
+    tab, _, _ = built
+    te = tab.job["te"]
+    assert te.elem_id == "tt_te" and te.value == form.NO_VAE
+    assert [c[0] if isinstance(c, tuple) else c for c in te.choices] == [form.NO_VAE, "qwen_3_4b.safetensors"]

@@ -36,8 +36,9 @@ class Host(Protocol):
         ...
 
     def acquire(self, model: str, vae: str, *, precision: str, v_pred: bool | None,
-                use_ema: bool = False) -> AbstractContextManager[ModelBundle]:
-        """Load or borrow the model for training (``use_ema``: the EMA U-Net a checkpoint carries).
+                use_ema: bool = False, text_encoder: str = "") -> AbstractContextManager[ModelBundle]:
+        """Load or borrow the model for training (``use_ema``: the EMA U-Net a checkpoint carries;
+        ``text_encoder``: the separate text-encoder file a Z-Image transformer file needs, standalone only).
 
         The context manager restores the host (model, devices, dtypes, hooks, flags, locks) on exit,
         after success, stop or error alike.

@@ -32,7 +32,10 @@ def pick_device(preference: str | None = None) -> torch.device:
 
 
 # Folders of other kinds that sit inside a models root: never scanned for checkpoints.
-_OTHER_KINDS = {"lora", "lycoris", "vae", "embeddings", "hypernetworks", "controlnet", "esrgan", "upscale_models"}
+_OTHER_KINDS = {"lora", "lycoris", "vae", "embeddings", "hypernetworks", "controlnet", "esrgan", "upscale_models",
+                "text_encoder", "text_encoders", "clip"}
+# where Forge Neo (text_encoder), ComfyUI (text_encoders, formerly clip) keep text-encoder files
+_TE_DIRS = ("text_encoder", "text_encoders", "clip")
 
 
 def _scan(root: Path) -> tuple[list[Path], list[Path]]:
@@ -113,6 +116,13 @@ class StandaloneHost:
             vaes += [str(p.relative_to(ckpts)) for p in _scan(ckpts)[1]]
         return vaes
 
+    def list_text_encoders(self) -> list[str]:
+        """``""`` (the checkpoint's own), then the files in ``text_encoder/`` (Forge Neo) or ``text_encoders/``
+        (ComfyUI): Z-Image's Qwen3 file is chosen here when its transformer is a separate file."""
+        folder = _first_dir(self.models_dir, _TE_DIRS) if self.models_dir else None
+        found = _scan(folder)[0] if folder else []
+        return [""] + [str(p.relative_to(folder)) for p in found]  # type: ignore[arg-type]
+
     def default_model(self) -> str:
         return self._last_model or next(iter(self.list_models()), "tiny-sd1")
 
@@ -131,8 +141,10 @@ class StandaloneHost:
         if Path(name).exists():
             return str(Path(name))
         folders = [self._ckpt_dir()]
-        if kind != "model":  # VAEs live in VAE/, or beside the checkpoints as *.vae.*
+        if kind == "vae":  # VAEs live in VAE/, or beside the checkpoints as *.vae.*
             folders.insert(0, _first_dir(self.models_dir, ("VAE", "vae")) if self.models_dir else None)
+        elif kind == "text encoder":
+            folders.insert(0, _first_dir(self.models_dir, _TE_DIRS) if self.models_dir else None)
         for folder in folders:
             if folder and (folder / name).exists():
                 return str(folder / name)
@@ -142,7 +154,7 @@ class StandaloneHost:
 
     @contextmanager
     def acquire(self, model: str, vae: str, *, precision: str, v_pred: bool | None,
-                use_ema: bool = False) -> Iterator[Any]:
+                use_ema: bool = False, text_encoder: str = "") -> Iterator[Any]:
         """Load the model (reusing the previous job's when it is the same) for one job.
 
         A failed load leaves nothing cached: the previous model is dropped before loading, and the
@@ -153,14 +165,16 @@ class StandaloneHost:
 
         model_path = self.resolve(model or self.default_model())
         vae_path = self.resolve(vae, "vae") if vae and vae != "None" else None
+        te_path = self.resolve(text_encoder, "text encoder") if text_encoder and text_encoder != "None" else None
         dtype = resolve_precision(precision, "fp32", self.device).model_dtype
-        key = (model_path, vae_path, dtype, v_pred, precision == "int8", use_ema)
+        key = (model_path, vae_path, te_path, dtype, v_pred, precision == "int8", use_ema)
         if self._cached is None or self._cached[0] != key:
             self._cached = None
             gc.collect()
             # int8 is a storage dtype load_bundle understands (torchao weight-only), not a float precision
             bundle = load_bundle(model_path, vae_path, device=self.device,
-                                 dtype=torch.int8 if precision == "int8" else dtype, v_pred=v_pred, use_ema=use_ema)
+                                 dtype=torch.int8 if precision == "int8" else dtype, v_pred=v_pred, use_ema=use_ema,
+                                 text_encoder=te_path)
             self._cached = (key, bundle)
         self._last_model = model or self._last_model
         bundle = self._cached[1]

@@ -232,7 +232,7 @@ class WebUIHost:
 
     @contextmanager
     def acquire(self, model: str, vae: str, *, precision: str, v_pred: bool | None,
-                use_ema: bool = False) -> Iterator[WebUIBundle]:
+                use_ema: bool = False, text_encoder: str = "") -> Iterator[WebUIBundle]:
         """Borrow the Web-UI's model for training, holding ``queue_lock`` for the whole span.
 
         Raises:
@@ -249,6 +249,9 @@ class WebUIHost:
         if use_ema:  # its model configs say use_ema: False: model_ema.* is never loaded into the Web-UI
             self.notes.append("model_use_ema: the Web-UI loads a checkpoint's regular weights, so they are trained; "
                               "train EMA weights in the standalone app or CLI")
+        if text_encoder and text_encoder != "None":  # the Web-UI's own loader chose the model's text encoder
+            self.notes.append("te: the Web-UI trains the model it has loaded with its own text encoder; the text "
+                              "encoder file is used by the standalone app and CLI only")
         from modules.call_queue import queue_lock
 
         with queue_lock:

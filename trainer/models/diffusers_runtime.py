@@ -295,7 +295,7 @@ def _quantise_int8(unet: nn.Module) -> None:
 
 def load_bundle(model: str, vae: str | None = None, *, device: torch.device | str | None = None,
                 dtype: torch.dtype = torch.float32, v_pred: bool | None = None,
-                use_ema: bool = False) -> DiffusersBundle:
+                use_ema: bool = False, text_encoder: str | None = None) -> DiffusersBundle:
     """Load a model for training, fully offline.
 
     Args:
@@ -310,6 +310,7 @@ def load_bundle(model: str, vae: str | None = None, *, device: torch.device | st
             file, marker keys, metadata, the scheduler config, or the SD2 probe).
         use_ema: train on the EMA U-Net a full checkpoint (``model_ema.*``) or folder (``unet_ema/``)
             carries; a note says when there is none.
+        text_encoder: the Qwen3 text-encoder file a Z-Image transformer file needs (``text_encoder`` field).
 
     Returns:
         A ``DiffusersBundle``; ``notes`` says what was detected or chosen.
@@ -319,7 +320,7 @@ def load_bundle(model: str, vae: str | None = None, *, device: torch.device | st
         MissingPackage: int8 without torchao.
     """
     try:
-        return _load(model, vae, device=device, dtype=dtype, v_pred=v_pred, use_ema=use_ema)
+        return _load(model, vae, device=device, dtype=dtype, v_pred=v_pred, use_ema=use_ema, text_encoder=text_encoder)
     except TrainTrainError as err:
         # The traceback's frames hold the half-loaded parts: drop them so nothing stays in memory while
         # the caller keeps the error (a UI shows it, a queue records it).
@@ -328,7 +329,7 @@ def load_bundle(model: str, vae: str | None = None, *, device: torch.device | st
 
 
 def _load(model: str, vae: str | None, *, device: torch.device | str | None, dtype: torch.dtype,
-          v_pred: bool | None, use_ema: bool) -> DiffusersBundle:
+          v_pred: bool | None, use_ema: bool, text_encoder: str | None = None) -> DiffusersBundle:
     from trainer.models.checkpoint import load_diffusers_folder, load_single_file, load_vae
     from trainer.models.tiny import BUILTIN_NAMES, build_builtin
 
@@ -343,7 +344,19 @@ def _load(model: str, vae: str | None, *, device: torch.device | str | None, dty
 
         if vae:
             raise InputError(vae, f"{model} is a built-in model with its own VAE; leave the vae field empty")
+        if text_encoder:
+            raise InputError(text_encoder, f"text_encoder: {model} is a built-in model with its own text encoder; "
+                                           "leave the text_encoder field empty")
         return DiTBundle(build_tiny_dit(model), device=target, dtype=load_dtype)  # type: ignore[return-value]
+    if os.path.isfile(model) and model.lower().endswith(".safetensors"):
+        from trainer.models.dit_files import load_dit_file
+
+        dit = load_dit_file(model, vae or "", text_encoder or "", device=target, dtype=load_dtype)
+        if dit is not None:
+            return dit  # type: ignore[return-value]
+    if text_encoder:
+        raise InputError(text_encoder, "text_encoder: only a Z-Image transformer file takes a separate text encoder "
+                                       f"file; leave the field empty for {Path(model).name or model}")
     if model in BUILTIN_NAMES:
         parts = build_builtin(model, device=target, dtype=load_dtype)
     elif os.path.isdir(model):

@@ -2,11 +2,11 @@
 
 * A Z-Image diffusers folder (``model_index.json`` ``ZImagePipeline``: ``transformer/``, ``text_encoder/``
   Qwen3, ``tokenizer/``, ``vae/``, ``scheduler/``) loads with local files only.
-* Single files: a Z-Image transformer file (native keys, ``context_refiner.N.attention.k_norm``) is named
-  and refused with the fix: it has no text encoder, and the single-file set (transformer + Qwen3 + VAE
-  files, as ComfyUI/Forge Neo users keep them) is not loaded yet.
-* Anima loads as the built-in ``tiny-anima`` only: diffusers has no Anima pipeline (its LLM adapter is not
-  in ``CosmosTransformer3DModel``), so an Anima folder or file is named and refused.
+* Single files: the Z-Image file set (transformer + Qwen3 + VAE files, as ComfyUI/Forge Neo users keep them)
+  loads in ``dit_files.py``; a transformer file that reaches the SD loader (not ``.safetensors``) is named here.
+* Anima loads as its single-file set (``anima_files.py``: our LLM adapter, diffusers' Cosmos DiT) or the built-in
+  ``tiny-anima``; diffusers has no Anima pipeline (its LLM adapter is not in ``CosmosTransformer3DModel``), so an
+  Anima diffusers folder is named and refused.
 * Flux.1, Chroma, Qwen-Image, Lumina 2 and other flow DiTs: one line, "next release".
 
 Nothing half-loaded survives a refusal: every check runs before the first weight is read.
@@ -65,12 +65,13 @@ def refuse_dit_file(path: str, state: Mapping[str, Any]) -> None:
     """
     bare = {k.removeprefix("model.diffusion_model.").removeprefix("net.") for k in state}
     if "context_refiner.0.attention.k_norm.weight" in bare:
-        raise InputError(path, "is a Z-Image transformer without its Qwen3 text encoder and VAE; loading that file "
-                               "set is not supported yet: load the Z-Image diffusers folder (transformer/, "
-                               "text_encoder/, tokenizer/, vae/)")
+        raise InputError(path, "is a Z-Image transformer file: load it as .safetensors with its text encoder (Qwen3-4B "
+                               "file in the text_encoder field) and VAE (Flux ae.safetensors in the vae field), or "
+                               "load the Z-Image diffusers folder")
     if any(k.startswith("llm_adapter.") for k in bare):
-        raise InputError(path, "is an Anima checkpoint; Anima trains inside Forge Neo's host only for now "
-                               "(standalone Anima loading is not supported yet)")
+        raise InputError(path, "is an Anima transformer file: load it as .safetensors with its text encoder "
+                               "(Qwen3-0.6B file in the text_encoder field) and VAE (qwen_image_vae.safetensors in "
+                               "the vae field)")
     if any(k.startswith("transformer_blocks.") for k in bare) and any("img_mod" in k for k in bare):
         raise InputError(path, f"is a Qwen-Image checkpoint; {NEXT_RELEASE}")
     if any(k.startswith("distilled_guidance_layer.") for k in bare):

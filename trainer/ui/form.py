@@ -13,7 +13,7 @@ from trainer.settings import FIELDS, GROUPS, MODE_DEFAULTS, MODES, PASS2_KEY, Fi
 
 BLOCKS_KEY = "network_blocks(BASE = TextEncoder)"
 USE_PASS2_KEY = "use_2nd_pass_settings"
-JOB_SPECIAL = ("mode", "model", "vae")  # job keys with their own widgets (radio, host dropdowns)
+JOB_SPECIAL = ("mode", "model", "vae", "te")  # job keys with their own widgets (radio, host dropdowns)
 NO_VAE = "None"  # shown for "the checkpoint's own VAE" ("" in the settings, "None" in reference presets)
 
 # Blocks each family really has (reference §4.1/§8.4). Attention-only adapters (lierla, dora) touch the
@@ -177,7 +177,7 @@ def widget_value(f: Field, raw: Any) -> Any:
         return [str(v) for v in (raw or [])]
     if f.widget == "image":
         return None  # images are never restored into the widget; the job keeps its own copy
-    if f.key == "vae" and raw in ("", None):
+    if f.key in ("vae", "te") and raw in ("", None):
         return NO_VAE
     return format_number(raw)
 
@@ -217,8 +217,9 @@ def ui_layer(first: Mapping[str, Any], second: Mapping[str, Any], job: Mapping[s
     by_key = {f.key: f for f in FIELDS}
     layer = {k: _from_widget(by_key[k], v) for k, v in first.items()}
     layer.update({k: _from_widget(by_key[k], v) for k, v in job.items()})
-    if layer.get("vae") == NO_VAE:
-        layer["vae"] = ""
+    for key in ("vae", "te"):  # "None" in the dropdown = the checkpoint's own part
+        if layer.get(key) == NO_VAE:
+            layer[key] = ""
     use2 = bool(second.get(USE_PASS2_KEY)) and layer.get("mode") == "Difference"
     layer[PASS2_KEY] = {k: _from_widget(by_key[k], v) for k, v in second.items()} if use2 else None
     return layer

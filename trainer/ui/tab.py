@@ -178,6 +178,12 @@ class TrainTab:
             self.job["vae"] = gr.Dropdown(choices=self._vaes(), value=NO_VAE, label=vae.label, info=vae.help,
                                           allow_custom_value=True, elem_id="tt_vae", scale=4)
             self.ui["vae_refresh"] = compat.tool_button("🔄", "tt_vae_refresh")
+        te = next(f for f in form.job_fields() if f.key == "te")
+        # separate text-encoder files are a standalone matter: a Web-UI trains the model it has loaded
+        with gr.Row(elem_classes=["tt-models"], visible=getattr(self.host, "name", "") == "standalone"):
+            self.job["te"] = gr.Dropdown(choices=self._text_encoders(), value=NO_VAE, label=te.label, info=te.help,
+                                         allow_custom_value=True, elem_id="tt_te", scale=4)
+            self.ui["te_refresh"] = compat.tool_button("🔄", "tt_te_refresh")
 
     def _field_columns(self, target: dict[str, Any], fields: list[Any], pass_index: int, mode: str | None) -> None:
         """``fields`` in three columns of about equal height."""
@@ -245,6 +251,10 @@ class TrainTab:
 
     def _vaes(self) -> list[str]:
         return [NO_VAE] + [v for v in self.host.list_vaes() if v not in ("", NO_VAE)]
+
+    def _text_encoders(self) -> list[str]:
+        listed = getattr(self.host, "list_text_encoders", lambda: [])()
+        return [NO_VAE] + [v for v in listed if v not in ("", NO_VAE)]
 
     # ------------------------------------------------------------------ value plumbing
 
@@ -537,6 +547,7 @@ class TrainTab:
                                   outputs=self._load_outputs())
         ui["model_refresh"].click(lambda: compat.update(choices=self.host.list_models()), outputs=[self.job["model"]])
         ui["vae_refresh"].click(lambda: compat.update(choices=self._vaes()), outputs=[self.job["vae"]])
+        ui["te_refresh"].click(lambda: compat.update(choices=self._text_encoders()), outputs=[self.job["te"]])
         self.job["mode"].change(self.on_mode, inputs=[self.job["mode"], ui["mode_now"], *self.first.values()],
                                 outputs=self._mode_outputs())
         for group in OPTIONAL_GROUPS:
