@@ -27,6 +27,7 @@ ours and tiny.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 import fake_forge_models
 import torch
@@ -38,6 +39,34 @@ WAN_MEAN = [-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
             0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921]
 WAN_STD = [2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
            3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160]
+
+
+class ForgeLinear(nn.Module):
+    """``backend.operations.ForgeOperations.Linear``, the class of every Linear in a model Neo loads
+    (``using_forge_operations`` swaps it in for ``torch.nn.Linear`` while the model is built): a plain
+    ``nn.Module`` with ``in_features``/``out_features``, ``weight``/``bias`` and ``F.linear`` in ``forward``
+    — *not* an ``nn.Linear``."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+        self.parameters_manual_cast = False
+
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias)
+
+
+@contextmanager
+def forge_operations():
+    """``using_forge_operations``: models built inside get Neo's Linear class."""
+    backup = nn.Linear
+    nn.Linear = ForgeLinear
+    try:
+        yield
+    finally:
+        nn.Linear = backup
 
 
 def _init(module: nn.Module, seed: int, gain: float = 1.5) -> None:
@@ -509,8 +538,9 @@ class _NeoEngine:
 class ZImage(_NeoEngine):
     clip_name = "qwen3"
 
-    def __init__(self, seed: int = 3, name: str = "zimage") -> None:
-        dit, te = NextDiT(), Qwen3()
+    def __init__(self, seed: int = 3) -> None:
+        with forge_operations():
+            dit, te = NextDiT(), Qwen3()
         _init(dit, seed)
         _init(te, seed + 1)
         vae = AutoencoderKL()
@@ -539,7 +569,8 @@ class AnimaEngine(_NeoEngine):
     clip_name = "qwen3_06b"
 
     def __init__(self, seed: int = 5) -> None:
-        dit, te = Anima(), Qwen3(adapter=True)
+        with forge_operations():
+            dit, te = Anima(), Qwen3(adapter=True)
         _init(dit, seed)
         _init(te, seed + 1)
         vae = AutoencoderKL(video=True)
