@@ -41,21 +41,7 @@ WAN_STD = [2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
            3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160]
 
 
-class ForgeLinear(nn.Module):
-    """``backend.operations.ForgeOperations.Linear``, the class of every Linear in a model Neo loads
-    (``using_forge_operations`` swaps it in for ``torch.nn.Linear`` while the model is built): a plain
-    ``nn.Module`` with ``in_features``/``out_features``, ``weight``/``bias`` and ``F.linear`` in ``forward``
-    — *not* an ``nn.Linear``."""
-
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None) -> None:
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
-        self.weight = nn.Parameter(torch.empty(out_features, in_features))
-        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
-        self.parameters_manual_cast = False
-
-    def forward(self, x):
-        return F.linear(x, self.weight, self.bias)
+ForgeLinear = fake_forge_models.ForgeLinear  # backend.operations.ForgeOperations.Linear: not an nn.Linear
 
 
 @contextmanager
