@@ -89,8 +89,8 @@ class FusedSlice(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w, b = self.weight, self.bias
-        if w.dtype != x.dtype:  # Neo's manual-cast Linears take inputs in the compute dtype
-            w, b = w.to(x.dtype), None if b is None else b.to(x.dtype)
+        if w.dtype != x.dtype or w.device != x.device:  # as Neo's manual-cast Linear casts its weight per call
+            w, b = w.to(x.device, x.dtype), None if b is None else b.to(x.device, x.dtype)
         return F.linear(x, w, b)
 
 
@@ -191,6 +191,13 @@ class NeoDiTBundle:
         self.predictor = kmodel.predictor
         self.device = torch.device(device)
         self.dtype = next(self.transformer.parameters()).dtype
+        away = sum(1 for p in self.transformer.parameters() if p.device != self.device)
+        if away:
+            # Neo loads a model partly when VRAM is short and streams the rest per layer: autograd and our
+            # adapters need every weight on the training device
+            raise TrainTrainError(f"model: Forge Neo keeps {away} of this model's weights off {self.device} (not enough "
+                                  "free VRAM to load it whole); free VRAM (close other models, lower 'GPU Weights') "
+                                  "or pick a quantization-free smaller model, then start again")
         self.latent_channels = int(getattr(self.transformer, "in_channels", 16))
         self.flow = FlowSchedule(shift=self._family_shift())
         self.alphas_cumprod = torch.zeros(1000, device=self.device)  # unused: flow models have no ᾱ table
