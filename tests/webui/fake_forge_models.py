@@ -67,7 +67,10 @@ class ForgeLinear(nn.Module):
         self.parameters_manual_cast = False
 
     def forward(self, x):
-        return torch.nn.functional.linear(x, self.weight, self.bias)
+        weight, bias = self.weight, self.bias
+        if self.parameters_manual_cast:  # storage dtype != compute dtype: cast per call, as Forge's ops do
+            weight, bias = weight.to(x.dtype), None if bias is None else bias.to(x.dtype)
+        return torch.nn.functional.linear(x, weight, bias)
 
 
 class IntegratedUNet2DConditionModel(fake_models.UNetModel):

@@ -480,8 +480,9 @@ class KModel(fake_forge_models.KModel):
         self.config = config
 
     def apply_model(self, x, t, c_crossattn=None, **kwargs):
-        """``x − σ · model(x, timestep(σ), context)`` (prediction type "const")."""
-        out = self.diffusion_model(x, self.predictor.timestep(t).float(), context=c_crossattn).float()
+        """``x − σ · model(x, timestep(σ), context)`` (prediction type "const"), inputs in the compute dtype."""
+        xc, context = x.to(self.computation_dtype), c_crossattn.to(self.computation_dtype)
+        out = self.diffusion_model(xc, self.predictor.timestep(t).float(), context=context).float()
         return x - out * t.view(-1, *([1] * (out.ndim - 1)))
 
 
@@ -491,13 +492,22 @@ class _Clip:
 
 
 class _NeoEngine:
-    """``ForgeDiffusionEngine``: not an ``nn.Module``."""
+    """``ForgeDiffusionEngine``: not an ``nn.Module``. ``storage_dtype`` bf16 is what Neo does on CPU (and with
+    ``--bf16-unet``): weights stored in bf16, computation in fp32, each Linear casting its weight per call."""
 
     is_sd1 = is_sdxl = False
 
-    def __init__(self, transformer: nn.Module, text_encoder: Qwen3, vae: VAE, repo: str) -> None:
+    def __init__(self, transformer: nn.Module, text_encoder: Qwen3, vae: VAE, repo: str,
+                 storage_dtype: torch.dtype = torch.float32) -> None:
         self.model_config = ModelConfig(repo)
-        unet = fake_forge_models.UnetPatcher(KModel(transformer, self.model_config))
+        kmodel = KModel(transformer, self.model_config)
+        if storage_dtype != torch.float32:
+            transformer.to(storage_dtype)
+            for m in transformer.modules():
+                if isinstance(m, ForgeLinear):
+                    m.parameters_manual_cast = True
+            kmodel.storage_dtype, kmodel.computation_dtype = storage_dtype, torch.float32
+        unet = fake_forge_models.UnetPatcher(kmodel)
         clip = _Clip(nn.ModuleDict({self.clip_name: text_encoder}))
         self.forge_objects = fake_forge_models.ForgeObjects(unet, clip, vae)
         self.forge_objects_original = self.forge_objects.shallow_copy()
@@ -524,14 +534,14 @@ class _NeoEngine:
 class ZImage(_NeoEngine):
     clip_name = "qwen3"
 
-    def __init__(self, seed: int = 3) -> None:
+    def __init__(self, seed: int = 3, storage_dtype: torch.dtype = torch.float32) -> None:
         with forge_operations():
             dit, te = NextDiT(), Qwen3()
         _init(dit, seed)
         _init(te, seed + 1)
         vae = AutoencoderKL()
         _init(vae, seed + 2, gain=1.0)
-        super().__init__(dit, te, VAE(vae), "Tongyi-MAI/Z-Image-Turbo")
+        super().__init__(dit, te, VAE(vae), "Tongyi-MAI/Z-Image-Turbo", storage_dtype)
         self.text_processing_engine_gemma = Qwen3TextProcessingEngine(te, ByteTokenizer(3))
 
     @torch.inference_mode()
@@ -554,14 +564,14 @@ class ZImage(_NeoEngine):
 class AnimaEngine(_NeoEngine):
     clip_name = "qwen3_06b"
 
-    def __init__(self, seed: int = 5) -> None:
+    def __init__(self, seed: int = 5, storage_dtype: torch.dtype = torch.float32) -> None:
         with forge_operations():
             dit, te = Anima(), Qwen3(adapter=True)
         _init(dit, seed)
         _init(te, seed + 1)
         vae = AutoencoderKL(video=True)
         _init(vae, seed + 2, gain=1.0)
-        super().__init__(dit, te, VAE(vae, is_wan=True), "circlestone-labs/Anima")
+        super().__init__(dit, te, VAE(vae, is_wan=True), "circlestone-labs/Anima", storage_dtype)
         self.is_wan = True
         self.text_processing_engine_anima = AnimaTextProcessingEngine(te, ByteTokenizer(3), ByteTokenizer(3))
 
@@ -589,10 +599,10 @@ for _cls, _module in ((NextDiT, "backend.nn.lumina"), (JointTransformerBlock, "b
     _cls.__module__ = _module
 
 
-def neo_zimage(seed: int = 3) -> ZImage:
+def neo_zimage(seed: int = 3, storage_dtype: torch.dtype = torch.float32) -> ZImage:
     """Built as ``forge_model_reload`` builds it (call it under inference mode to match Neo)."""
-    return ZImage(seed)
+    return ZImage(seed, storage_dtype)
 
 
-def neo_anima(seed: int = 5) -> AnimaEngine:
-    return AnimaEngine(seed)
+def neo_anima(seed: int = 5, storage_dtype: torch.dtype = torch.float32) -> AnimaEngine:
+    return AnimaEngine(seed, storage_dtype)

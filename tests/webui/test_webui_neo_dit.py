@@ -252,3 +252,25 @@ def test_ileco_keeps_its_promise_in_neo(neo, family, tmp_path):
     before = (base_original - base_target).square().mean()
     after = (trained - base_target).square().mean()
     assert after < 0.6 * before  # measured: to 39 % (Z-Image) and 32 % (Anima) of the untrained distance
+
+
+@pytest.mark.parametrize("family", ["zimage", "anima"])
+def test_bf16_storage_trains_in_neos_compute_dtype(neo, family, tmp_path):
+    """Neo stores weights in bf16 and computes in fp32 on CPU (its Linears cast per call): training predicts
+    exactly what Neo's inference does (no bf16 autocast of its own) and trains."""
+    import fake_neo_models
+    from modules import sd_models
+
+    title = CHECKPOINTS[family]
+    make = {"zimage": fake_neo_models.neo_zimage, "anima": fake_neo_models.neo_anima}[family]
+    sd_models.checkpoints_list[title].factory = lambda: make(storage_dtype=torch.bfloat16)
+    engine = _load(neo, family)
+    assert next(engine.forge_objects.unet.model.diffusion_model.parameters()).dtype == torch.bfloat16
+    with WebUIHost().acquire("", "", precision="fp32", v_pred=None) as bundle, torch.no_grad():
+        x, sigma = _latent(family).reshape(1, 16, 8, 8), torch.tensor([0.6])
+        ours = x - sigma * bundle.predict(x, sigma, bundle.encode_prompts(["a photo"]))
+    torch.testing.assert_close(ours, _generate(engine, family).reshape(1, 16, 8, 8), rtol=1e-5, atol=1e-5)
+    settings = Settings.from_layers(BASE, {"mode": "LoRA", "save_lora_name": f"bf_{family}"}, mode_inputs("LoRA", tmp_path))
+    result = run_job(settings, WebUIHost(), events=Events())
+    state, _ = load_lora(result["lora_path"])
+    assert result["status"] == "done" and max(float(v.abs().max()) for k, v in state.items() if k.endswith("up.weight")) > 0

@@ -190,7 +190,10 @@ class NeoDiTBundle:
         self.transformer: nn.Module = kmodel.diffusion_model
         self.predictor = kmodel.predictor
         self.device = torch.device(device)
-        self.dtype = next(self.transformer.parameters()).dtype
+        self.dtype = next(self.transformer.parameters()).dtype  # storage
+        # Neo computes in KModel.computation_dtype (its Linears cast their stored weights per call), e.g. bf16
+        # storage with fp32 compute on CPU: training runs the same arithmetic as its inference
+        self.compute_dtype = getattr(kmodel, "computation_dtype", None) or self.dtype
         away = sum(1 for p in self.transformer.parameters() if p.device != self.device)
         if away:
             # Neo loads a model partly when VRAM is short and streams the rest per layer: autograd and our
@@ -268,14 +271,10 @@ class NeoDiTBundle:
         sigma = timesteps.float() if timesteps.is_floating_point() else timesteps.float() / 1000
         sigma = sigma.to(self.device).expand(noisy.shape[0])
         t = self.predictor.timestep(sigma).float()
-        x = noisy.to(self.device, self.dtype)
-        context = cond.context.to(self.device, self.dtype)
-        # half weights run under autocast, as at inference (CPU autocast: bf16 only)
-        half = (self.device.type == "cuda" and self.dtype in (torch.float16, torch.bfloat16)) or (
-            self.device.type == "cpu" and self.dtype == torch.bfloat16)
-        amp = torch.autocast(self.device.type, dtype=self.dtype) if half else nullcontext()
+        x = noisy.to(self.device, self.compute_dtype)  # as apply_model: inputs in the compute dtype, no autocast
+        context = cond.context.to(self.device, self.compute_dtype)
         guard = OutOfPlaceAugmented() if torch.is_grad_enabled() else nullcontext()
-        with amp, guard:
+        with guard:
             if self.family is Family.ANIMA:
                 return self.transformer(x.unsqueeze(2), t, context=context).float().squeeze(2)
             return self._zimage(x, t, context, cond.mask)
