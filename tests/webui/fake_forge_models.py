@@ -83,6 +83,7 @@ class IntegratedUNet2DConditionModel(fake_models.UNetModel):
                 module.__class__ = SpatialTransformer
             elif type(module) is nn.Linear:
                 module.__class__ = ForgeLinear  # same attributes, Forge's class
+                module.parameters_manual_cast = False
 
     def forward(self, x, timesteps=None, context=None, y=None, control=None, transformer_options=None, **kwargs):
         return super().forward(x, timesteps=timesteps, context=context, y=y)
