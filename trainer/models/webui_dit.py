@@ -198,9 +198,9 @@ class NeoDiTBundle:
         if away:
             # Neo loads a model partly when VRAM is short and streams the rest per layer: autograd and our
             # adapters need every weight on the training device
-            raise TrainTrainError(f"model: Forge Neo keeps {away} of this model's weights off {self.device} (not enough "
-                                  "free VRAM to load it whole); free VRAM (close other models, lower 'GPU Weights') "
-                                  "or pick a quantization-free smaller model, then start again")
+            raise TrainTrainError(f"model: Forge Neo keeps {away} of this model's weights off {self.device} (it did not "
+                                  "fit the free VRAM whole); raise 'GPU Weights' in Neo's top bar or free VRAM, then "
+                                  "start again")
         self.latent_channels = int(getattr(self.transformer, "in_channels", 16))
         self.flow = FlowSchedule(shift=self._family_shift())
         self.alphas_cumprod = torch.zeros(1000, device=self.device)  # unused: flow models have no ᾱ table
