@@ -53,14 +53,37 @@ class SpatialTransformer(fake_models.SpatialTransformer):
         return x + x_in
 
 
+class ForgeLinear(nn.Module):
+    """``backend.operations.ForgeOperations.Linear``, the class of every Linear in a model Forge or Neo loads
+    (``using_forge_operations`` swaps it in for ``torch.nn.Linear`` while the loader builds the model): a
+    plain ``nn.Module`` with ``in_features``/``out_features``, ``weight``/``bias`` and ``F.linear`` in
+    ``forward`` — *not* an ``nn.Linear`` (measured: adapters went only on convolutions while we tested for it)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+        self.parameters_manual_cast = False
+
+    def forward(self, x):
+        weight, bias = self.weight, self.bias
+        if self.parameters_manual_cast:  # storage dtype != compute dtype: cast per call, as Forge's ops do
+            weight, bias = weight.to(x.dtype), None if bias is None else bias.to(x.dtype)
+        return torch.nn.functional.linear(x, weight, bias)
+
+
 class IntegratedUNet2DConditionModel(fake_models.UNetModel):
-    """Forge's U-Net class: ldm names, Forge's forward signature, in-place transformer blocks."""
+    """Forge's U-Net class: ldm names, Forge's forward signature, in-place transformer blocks, Forge's Linear."""
 
     def __init__(self, unet) -> None:
         super().__init__(unet)
         for module in self.modules():
             if type(module) is fake_models.SpatialTransformer:
                 module.__class__ = SpatialTransformer
+            elif type(module) is nn.Linear:
+                module.__class__ = ForgeLinear  # same attributes, Forge's class
+                module.parameters_manual_cast = False
 
     def forward(self, x, timesteps=None, context=None, y=None, control=None, transformer_options=None, **kwargs):
         return super().forward(x, timesteps=timesteps, context=context, y=y)

@@ -161,3 +161,19 @@ def test_preview_images_reach_the_gallery_on_a_fresh_neo(forge, tmp_path):
     WebUIHost()  # what the tab builds first
     saved = ui_tempdir.save_pil_to_file(Image.new("RGB", (8, 8)))
     assert Image.open(saved).size == (8, 8)
+
+
+def test_forge_adapts_the_same_modules_as_a1111(forge, models, tmp_path):
+    """Forge and Neo build every Linear as their own ``ForgeOperations.Linear`` (not an ``nn.Linear``): a real
+    Neo trained only the 32 convolutions of an SD1 U-Net while we selected by ``nn.Linear``."""
+    from trainer.models.webui_runtime import WebUIBundle
+    from trainer.network import NetworkSpec, build_network
+
+    settings = Settings.from_layers(BASE, {"mode": "LoRA", "save_lora_name": "lin"}, _inputs("LoRA", tmp_path))
+    state, _ = load_lora(run_job(settings, WebUIHost(), events=Events())["lora_path"])
+    in_forge = {k.split(".")[0] for k in state}
+    a1111 = WebUIBundle(models.LatentDiffusion(seed=1), device=torch.device("cpu"))
+    expected = {n for n in build_network(a1111, NetworkSpec(network_type="lierla", rank=4, alpha=4)).adapters
+                if n.startswith("lora_unet_")}  # Forge trains the U-Net only
+    assert in_forge == expected
+    assert sum("attn1_to_q" in name for name in in_forge) > 0

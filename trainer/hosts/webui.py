@@ -21,6 +21,7 @@ from torch import nn
 
 from trainer.errors import TrainTrainError
 from trainer.models.bundle import Family
+from trainer.models.webui_dit import NeoDiTBundle, neo_dit_family
 from trainer.models.webui_runtime import WebUIBundle, own_inference_weights
 
 log = logging.getLogger("traintrain")
@@ -271,6 +272,7 @@ class WebUIHost:
         if not forge and not isinstance(sd_model, nn.Module):
             raise TrainTrainError("model: the Web-UI has no model loaded; pick a checkpoint in its checkpoint "
                                   "dropdown (or generate once) and start again")
+        dit = neo_dit_family(sd_model) if forge else None  # refuses flow families we do not train, untouched
         if forge:
             _forge_prepare(sd_model)
             # Forge builds its weights under inference_mode: autograd needs normal tensors
@@ -286,9 +288,12 @@ class WebUIHost:
             _set_requires_grad(p, False)
         bundle = None
         try:
-            zero_snr_option = getattr(shared.opts, "sd_noise_schedule", "Default") == "Zero Terminal SNR"
-            bundle = WebUIBundle(sd_model, device=_device(root), v_pred=v_pred, medvram=medvram,
-                                 zero_snr_option=zero_snr_option, renderer=None if forge else _a1111_renderer)
+            if dit is not None:  # Neo's Z-Image / Anima
+                bundle = NeoDiTBundle(sd_model, device=_device(root))
+            else:
+                zero_snr_option = getattr(shared.opts, "sd_noise_schedule", "Default") == "Zero Terminal SNR"
+                bundle = WebUIBundle(sd_model, device=_device(root), v_pred=v_pred, medvram=medvram,
+                                     zero_snr_option=zero_snr_option, renderer=None if forge else _a1111_renderer)
             bundle.notes[:0] = self.notes
             bundle.clip_skip = _host_clip_skip(shared.opts, bundle.family, forge=bundle.forge)
             if precision and _DTYPES.get(precision) not in (None, bundle.dtype):
@@ -345,9 +350,9 @@ def _host_clip_skip(opts: Any, family: Family, *, forge: bool) -> int | None:
     """The Clip skip the Web-UI's prompt encoding uses, as kohya's ``ss_clip_skip`` (1 = last layer).
 
     A1111 applies ``CLIP_stop_at_last_layers`` to SD1's encoder only (its SD2 encoder is fixed at
-    OpenCLIP's penultimate layer, kohya's 1); Forge applies it to SD2 too. SDXL: None (kohya writes none).
+    OpenCLIP's penultimate layer, kohya's 1); Forge applies it to SD2 too. SDXL and the DiTs: None (kohya writes none).
     """
-    if family is Family.SDXL:
+    if family is Family.SDXL or family.is_dit:
         return None
     if family is Family.SD2 and not forge:
         return 1

@@ -42,6 +42,7 @@ from trainer.models import openclip
 from trainer.models.bundle import Cond, Family, UNetShape
 from trainer.models.components import rescale_zero_terminal_snr
 from trainer.models.inplace import OutOfPlaceAugmented
+from trainer.network.adapter import is_linear
 
 TE_NOTE_FORGE = "text-encoder training is not supported on Forge (its conditioning runs in inference mode); the U-Net is trained"
 TE_NOTE_MEDVRAM = "text-encoder training is off under --medvram (the text encoder is swapped out while the U-Net runs)"
@@ -375,7 +376,7 @@ class WebUIBundle:
         if self.family is not Family.SDXL:
             return 0, 0
         label = getattr(self.unet, "label_emb", None)
-        first = next((m for m in label.modules() if isinstance(m, nn.Linear)), None) if label is not None else None
+        first = next((m for m in label.modules() if is_linear(m)), None) if label is not None else None
         if first is None:
             raise TrainTrainError("this SDXL U-Net has no label_emb; cannot build its size conditioning")
         size_dim = SDXL_SIZE_EMBED_DIM

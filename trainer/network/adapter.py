@@ -10,6 +10,17 @@ from torch import nn
 from trainer.network import patching
 
 
+def is_linear(module: nn.Module) -> bool:
+    """An ``nn.Linear``, or a host's Linear that is not one: Forge's and Forge Neo's ``ForgeOperations.Linear``
+    (``backend/operations.py``) is a plain ``nn.Module`` with ``in_features``/``out_features`` and a 2-D
+    ``weight``, and every Linear of a model Neo loads is one (measured: only the U-Net's convolutions were
+    selected there before)."""
+    if isinstance(module, nn.Linear):
+        return True
+    weight = getattr(module, "weight", None)
+    return (isinstance(weight, torch.Tensor) and weight.ndim == 2 and isinstance(getattr(module, "in_features", None), int)
+            and isinstance(getattr(module, "out_features", None), int))
+
 class Adapter(nn.Module):
     """Base class of one adapter on one Linear or Conv2d.
 
@@ -43,7 +54,7 @@ class Adapter(nn.Module):
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
-        assert isinstance(base, (nn.Linear, nn.Conv2d)), f"{kohya_name}: cannot adapt {type(base).__name__}"
+        assert is_linear(base) or isinstance(base, nn.Conv2d), f"{kohya_name}: cannot adapt {type(base).__name__}"
         assert rank > 0, f"{kohya_name}: rank must be positive"
         assert getattr(base, "padding_mode", "zeros") == "zeros", f"{kohya_name}: only zero-padded convs are supported"
         self.kohya_name = kohya_name

@@ -19,6 +19,7 @@ from torch import nn
 
 from trainer.errors import SettingsError
 from trainer.models import names
+from trainer.network.adapter import is_linear
 from trainer.network.spec import BLOCK_IDS, NetworkSpec
 
 _TRANSFORMERS = frozenset({"Transformer2DModel", "SpatialTransformer", "SpatialTransformerV2"})
@@ -92,7 +93,7 @@ def summarize(targets: tuple[Target, ...] | list[Target]) -> str:
 
 def _kind(module: nn.Module) -> str:
     """linear / conv1x1 / conv (k > 1)."""
-    if isinstance(module, nn.Linear):
+    if is_linear(module):
         return "linear"
     return "conv1x1" if tuple(module.kernel_size) == (1, 1) else "conv"
 
@@ -104,7 +105,7 @@ def _unet_leaves(unet: nn.Module, containers: frozenset[str]) -> Iterator[tuple[
         if type(container).__name__ not in containers:
             continue
         for sub, leaf in container.named_modules():
-            if sub and isinstance(leaf, (nn.Linear, nn.Conv2d)) and id(leaf) not in seen:
+            if sub and (is_linear(leaf) or isinstance(leaf, nn.Conv2d)) and id(leaf) not in seen:
                 seen.add(id(leaf))
                 yield f"{name}.{sub}" if name else sub, leaf
 
@@ -159,7 +160,7 @@ def candidate_targets(bundle: Any, spec: NetworkSpec) -> Iterator[Target]:
         yield Target(kohya, leaf, "unet", path, names.block_id(ldm_path), kind, rank, alpha, aliases)
     for prefix, encoder in bundle.text_encoders.items():
         for path, leaf in encoder.named_modules():
-            if isinstance(leaf, nn.Linear) and _TE_LEAF.search(path):
+            if is_linear(leaf) and _TE_LEAF.search(path):
                 full = names.hf_clip_path(path)
                 kohya = names.kohya_name(prefix, full)
                 short = names.kohya_name(prefix, full[len("text_model.") :])
@@ -175,7 +176,7 @@ def _dit_targets(bundle: Any, spec: NetworkSpec) -> Iterator[Target]:
     family = _family_value(bundle)
     rank, alpha = spec.rank_alpha("linear")
     for path, leaf in bundle.unet.named_modules():
-        if isinstance(leaf, nn.Linear) and dit_leaf(family, path):
+        if is_linear(leaf) and dit_leaf(family, path):
             name, saved = dit_names(family, path)
             aliases = (saved,) if saved != name else ()
             yield Target(name, leaf, "unet", path, DIT_BLOCK, "linear", rank, alpha, aliases, saved)
@@ -193,7 +194,7 @@ def _existing_blocks(bundle: Any) -> set[str]:
     """Block IDs of every Linear/Conv2d in the U-Net (to tell 'no such block' from 'nothing to adapt')."""
     found = set()
     for path, module in bundle.unet.named_modules():
-        if isinstance(module, (nn.Linear, nn.Conv2d)):
+        if is_linear(module) or isinstance(module, nn.Conv2d):
             try:
                 ldm = names.diffusers_to_ldm(path, bundle.unet_shape) if bundle.layout == "diffusers" else path
             except KeyError:
