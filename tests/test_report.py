@@ -138,3 +138,32 @@ def test_a_nan_the_model_gives_without_the_lora_is_not_the_loras_fault(trainer, 
     assert result["status"] == "done" and Path(result["lora_path"]).is_file()
     assert not card["failed"] and card["verdict"].startswith("not measured")
     assert "nothing saved" not in result["message"] and "report card says: not measured" in result["message"]
+
+
+@pytest.mark.parametrize("request_", ["save", "stop"])
+def test_stop_and_save_gets_a_card_plain_stop_gets_none(trainer, request_):
+    from tests.modes.conftest import BASE
+    from trainer.progress import Events
+    from trainer.runner import run_job
+    from trainer.settings import Settings
+
+    calls = {"n": 0}
+
+    def stop():
+        calls["n"] += 1
+        return request_ if calls["n"] >= 6 else None
+
+    settings = Settings.from_layers(BASE, {**ERASE, "train_iterations": 12, "save_lora_name": f"stop_{request_}"})
+    result = run_job(settings, trainer.host, events=Events(), stop=stop)
+    assert result["steps"] == 6
+    if request_ == "stop":  # no file, so no card
+        assert result["status"] == "stopped" and result["lora_path"] is None and not result.get("report")
+        return
+    card = result["report"]
+    assert result["status"] == "saved_stop" and card["efficacy"] is not None and card["neighbours"] == 3
+    meta = load_lora(result["lora_path"])[1]
+    # the stop file carries the card, and check on it prints the same lines
+    assert float(meta["traintrain_report_efficacy"]) == pytest.approx(card["efficacy"], rel=1e-3)
+    assert "traintrain_report_probe" in meta and meta["traintrain_report_learned"] == str(card["learned"]).lower()
+    with trainer.host.acquire("tiny-sd1", "", precision="fp32", v_pred=None) as bundle:
+        assert check_lora(result["lora_path"], bundle)["report_lines"] == Card(**card).lines()
