@@ -167,3 +167,20 @@ def test_stop_and_save_gets_a_card_plain_stop_gets_none(trainer, request_):
     assert "traintrain_report_probe" in meta and meta["traintrain_report_learned"] == str(card["learned"]).lower()
     with trainer.host.acquire("tiny-sd1", "", precision="fp32", v_pred=None) as bundle:
         assert check_lora(result["lora_path"], bundle)["report_lines"] == Card(**card).lines()
+
+
+def test_a_bf16_run_and_check_print_the_same_card(trainer, tmp_path):
+    """A half-precision model measures its card under its own autocast; ``check`` loads the model in the
+    precision the file names (``traintrain_report_dtype``), so both print the same lines. Before, check
+    measured in fp32 and printed efficacy 70.7% for a run that printed 70.2%."""
+    import json
+
+    from trainer.check import main
+
+    result = trainer.run(**{**ERASE, "train_iterations": 3, "train_model_precision": "bf16", "save_lora_name": "half"})
+    card = result["report"]
+    assert card["dtype"] == "bf16" and load_lora(result["lora_path"])[1]["traintrain_report_dtype"] == "bf16"
+    out = tmp_path / "check.json"
+    assert main([result["lora_path"], "--model", "tiny-sd1", "--device", "cpu", "--json", str(out)]) in (0, 1)
+    checked = json.loads(out.read_text(encoding="utf-8"))
+    assert checked["report_lines"] == Card(**card).lines() and checked["report"]["dtype"] == "bf16"

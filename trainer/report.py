@@ -160,6 +160,7 @@ class Card:
     verdict: str
     neighbours: int
     seconds: float = 0.0
+    dtype: str = "fp32"  # the model precision measured in: check loads the model in it to print the same numbers
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -184,7 +185,7 @@ class Card:
         return {"traintrain_report_version": VERSION, "traintrain_report_efficacy": num(self.efficacy),
                 "traintrain_report_specificity": num(self.specificity), "traintrain_report_reverse": num(self.reverse),
                 "traintrain_report_learned": str(self.learned).lower(), "traintrain_report_verdict": self.verdict,
-                "traintrain_report_health": "; ".join(self.health) or "ok"}
+                "traintrain_report_health": "; ".join(self.health) or "ok", "traintrain_report_dtype": self.dtype}
 
 
 EFFICACY_WORDS = {
@@ -218,24 +219,37 @@ def weight_health(state_dict: dict[str, torch.Tensor]) -> tuple[list[str], float
     return problems, largest
 
 
+DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def card_precision(bundle) -> tuple[str, contextlib.AbstractContextManager]:
+    """(name, autocast) the card runs in: full precision on fp32 weights; on half weights autocast in their
+    dtype, exactly as the run trained (``RunPrecision.autocast``). Upcasting a half model for the card would
+    double its memory on the GPU, so instead ``check`` loads the model in the stored precision."""
+    dtype = getattr(bundle, "dtype", torch.float32)
+    if dtype in (torch.float16, torch.bfloat16):
+        return DTYPE_NAMES[dtype], torch.autocast(bundle.device.type, dtype=dtype)
+    return "fp32", contextlib.nullcontext()
+
+
 @torch.no_grad()
-def measure(bundle, network, probe: Probe, state_dict: dict[str, torch.Tensor], *,
-            autocast: contextlib.AbstractContextManager | None = None) -> Card:
-    """Run the card's measurement on an attached network (the one saved, or loaded from the file).
+def measure(bundle, network, probe: Probe, state_dict: dict[str, torch.Tensor]) -> Card:
+    """Run the card's measurement on an attached network (the one saved, or loaded from the file), in
+    :func:`card_precision` (the same for training and ``check`` on a model loaded in the same precision).
 
     Args:
         bundle: the model, adapters attached.
         network: varied over multipliers 0, 1 (and −1 for the pair modes).
         probe: what to measure on.
         state_dict: the tensors as saved (weight health).
-        autocast: the run's autocast (None: full precision, as ``check`` runs).
     """
     started = time.perf_counter()
     problems, largest = weight_health(state_dict)
     was_training = network.training
     network.train(False)  # no adapter dropout in the measurement
+    dtype_name, autocast = card_precision(bundle)
     try:
-        with autocast or contextlib.nullcontext():
+        with autocast:
             numbers = _MEASURES[probe.kind](bundle, network, probe)
     finally:
         network.train(was_training)
@@ -252,6 +266,7 @@ def measure(bundle, network, probe: Probe, state_dict: dict[str, torch.Tensor], 
         problems.append("weight 1 and weight 0 give identical outputs: this LoRA changes nothing")
     card = Card(probe.kind, probe.mode, _clean(efficacy), _clean(specificity), _clean(reverse), change, largest,
                 problems, failed, False, "", len(probe.neighbours))
+    card.dtype = dtype_name
     card.learned, card.verdict = verdict(card, probe, identical)
     card.seconds = round(time.perf_counter() - started, 3)
     return card
@@ -480,8 +495,5 @@ def measure_saved(ctx, network, probe: Probe, state_dict: dict[str, torch.Tensor
                   isolate: contextlib.AbstractContextManager | None = None) -> Card:
     """The card of a finished run, on the weights as they will be saved; ``isolate`` sets other networks
     aside (Difference's copier is not in the file, so ``check`` measures without it too)."""
-    # fp32 weights: measure in full precision, as check does, so both print the same numbers; only
-    # half-precision weights need the run's autocast
-    full = getattr(ctx.bundle, "dtype", None) == torch.float32
     with isolate or contextlib.nullcontext(), as_saved(network, state_dict):
-        return measure(ctx.bundle, network, probe, state_dict, autocast=None if full else ctx.precision.autocast())
+        return measure(ctx.bundle, network, probe, state_dict)
