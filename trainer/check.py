@@ -120,7 +120,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="write the report here")
     args = parser.parse_args(argv)
     from trainer.hosts.standalone import StandaloneHost
-
     from trainer.network import load_lora
 
     host = StandaloneHost(device=args.device)
