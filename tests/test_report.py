@@ -10,7 +10,7 @@ import torch
 from tests.modes.conftest import Trainer
 from trainer.check import check_lora
 from trainer.network import load_lora
-from trainer.report import REPORT_SEED, Card, probe_timesteps
+from trainer.report import CHANGE_FLOOR, REPORT_SEED, Card, probe_timesteps
 
 ERASE = {"mode": "iLECO", "model": "tiny-sd1", "original prompt": "red", "target prompt": "",
          "train_iterations": 20, "train_batch_size": 1, "train_learning_rate": 3e-3, "save_lora_name": "erase"}
@@ -184,3 +184,39 @@ def test_a_bf16_run_and_check_print_the_same_card(trainer, tmp_path):
     assert main([result["lora_path"], "--model", "tiny-sd1", "--device", "cpu", "--json", str(out)]) in (0, 1)
     checked = json.loads(out.read_text(encoding="utf-8"))
     assert checked["report_lines"] == Card(**card).lines() and checked["report"]["dtype"] == "bf16"
+
+
+def _pair_mode(mode: str, tmp_path) -> dict:
+    from tests.modes.conftest import draw_image
+
+    if mode != "Multi-ADDifT":
+        orig, targ = draw_image(tmp_path / "orig.png", (220, 40, 40)), draw_image(tmp_path / "targ.png", (40, 60, 230))
+        return {"mode": mode, "original image": str(orig), "target image": str(targ),
+                "train_learning_rate": 1e-2 if mode == "Difference" else 1e-3}
+    folder = tmp_path / "pairs"
+    folder.mkdir(exist_ok=True)
+    for i in range(3):
+        draw_image(folder / f"p{i}.png", (220, 40 + 20 * i, 40), box=(10 + 3 * i, 12, 44, 46))
+        draw_image(folder / f"p{i}_after.png", (40, 60 + 20 * i, 230), box=(10 + 3 * i, 12, 44, 46))
+        (folder / f"p{i}.txt").write_text(f"square {i}", encoding="utf-8")
+        (folder / f"p{i}_after.txt").write_text(f"blue square {i}", encoding="utf-8")
+    return {"mode": mode, "lora_data_directory": str(folder), "diff_target_name": "_after", "train_learning_rate": 1e-3}
+
+
+@pytest.mark.parametrize("mode", ["ADDifT", "Multi-ADDifT", "Difference"])
+def test_pair_modes_learned_at_a_normal_rate_and_not_at_1e_12(trainer, tmp_path, mode):
+    """The pair modes are judged by the output change at weight 1 (CHANGE_FLOOR, calibrated in report.py):
+    their efficacy takes either sign in normal tiny runs, and Difference at lr 1e-12 changed the output by
+    1e-6, which the old 'identical' rule let through as learned."""
+    values = {**_pair_mode(mode, tmp_path), "model": "tiny-sd1", "train_iterations": 6,
+              "train_batch_size": 1, "train_min_timesteps": 200, "train_max_timesteps": 800}
+    normal = trainer.run(**values, save_lora_name="normal")["report"]
+    still = trainer.run(**{**values, "train_learning_rate": 1e-12}, save_lora_name="still")["report"]
+    assert normal["learned"] and normal["change"] > 10 * CHANGE_FLOOR[normal["kind"]], normal
+    assert not still["learned"] and still["verdict"].startswith("did not learn"), still
+    assert still["change"] < CHANGE_FLOOR[still["kind"]] / 10
+    if mode == "Multi-ADDifT":  # every pair measured, each with its own captions
+        from trainer.report import Probe
+
+        probe = Probe.from_json(load_lora(trainer.lora_dir / "normal.safetensors")[1]["traintrain_report_probe"])
+        assert len(probe.images) == 6 and probe.captions[1] == "blue square 0" and probe.captions[4] == "square 2"
