@@ -27,8 +27,14 @@ def test_ileco_erasing_learns_stays_below_its_own_move_and_check_agrees(trainer)
     assert result["status"] == "done" and card["learned"] and not card["health"]
     # held-out noise: a closed gap this large is learned, not the training noise memorised
     assert card["efficacy"] > 30
-    # on this random tiny model prompts share most of their context (cosine 0.7-0.98), so neighbours
-    # move with it; they still move less than the erased concept itself
+    # On this random tiny model neighbours move 70-93% of the erased prompt's move, whatever is trained
+    # (measured, 20 steps lr 3e-3 / 100 steps lr 1e-3: all layers 87/85%, cross-attention 92/89%, attn2
+    # k/v only 88/87%, all layers without text-encoder adapters 85/86%). Its contexts are alike (cosine
+    # 0.68-0.80 to the neighbours: a character tokenizer, so "red" shares r/e with "street"; padding takes
+    # 66-88% of the cross-attention). An encoder built so prompts are near-orthogonal (cosine -0.18..0.16)
+    # brought drift to 30-50% only, rising with more steps (k/v 100 -> 300 steps: 43 -> 51%), with SGD as
+    # with AdamW: a low-drift erasure is not shown on tiny models yet. Neighbours still move less than the
+    # erased concept itself
     assert 0 < card["specificity"] < 100 and card["neighbours"] == 3
     assert "neighbours moved" in card["verdict"] and result["message"].startswith("Done. LoRA saved to")
     meta = load_lora(result["lora_path"])[1]
@@ -206,9 +212,10 @@ def _pair_mode(mode: str, tmp_path) -> dict:
 @pytest.mark.parametrize("mode", ["ADDifT", "Multi-ADDifT", "Difference"])
 def test_pair_modes_learned_at_a_normal_rate_and_not_at_1e_12(trainer, tmp_path, mode):
     """The pair modes are judged by the output change at weight 1 (CHANGE_FLOOR, calibrated in report.py):
-    their efficacy takes either sign in normal tiny runs, and Difference at lr 1e-12 changed the output by
-    1e-6, which the old 'identical' rule let through as learned."""
-    values = {**_pair_mode(mode, tmp_path), "model": "tiny-sd1", "train_iterations": 6,
+    their efficacy takes either sign in normal tiny runs, and Difference at lr 1e-12 (40 steps) changed the
+    output by 1.09e-6, which the old 'identical' rule (< 1e-6) let through as learned."""
+    # Difference at 40 steps: lr 1e-12 changes its output by 1.09e-6, above the old rule's 1e-6
+    values = {**_pair_mode(mode, tmp_path), "model": "tiny-sd1", "train_iterations": 40 if mode == "Difference" else 6,
               "train_batch_size": 1, "train_min_timesteps": 200, "train_max_timesteps": 800}
     normal = trainer.run(**values, save_lora_name="normal")["report"]
     still = trainer.run(**{**values, "train_learning_rate": 1e-12}, save_lora_name="still")["report"]

@@ -39,7 +39,7 @@ REPORT_SEED = 0x7E57_C0DE  # held-out noise: a fixed stream no training step dra
 PROBES = 4  # noise draws, each at its own timestep
 BUILTIN_NEIGHBOURS = ("a photo of a dog on grass", "a city street at night", "a bowl of fruit on a table")
 MAX_IMAGES = 8  # LoRA mode: own images measured (the draws are spread over them: the cost stays fixed)
-MAX_PAIRS = 8  # Multi-ADDifT: pairs measured
+MAX_PAIRS = 4  # Multi-ADDifT: pairs measured (4: the draws stay at PROBES, the cost of one pair but the VAE encodes)
 IMAGE_DRAWS = 2 * PROBES  # LoRA mode: noise draws in all, spread over the images and the timesteps
 MAX_CAPTION_NEIGHBOURS = 2
 EXPLODED_NORM = 1e3  # a LoRA up/down tensor this large (Frobenius) is far outside any trained file
@@ -58,7 +58,7 @@ WEAK = {"prompt": 20.0, "images": 2.0}
 # two by > 4 orders of magnitude, and the floor sits 17x below the weakest normal run.
 CHANGE_FLOOR = {"pair": 1e-4, "addift": 1e-4}
 BLEED = 50.0  # neighbours moving more than this % of the target's move: the LoRA is not local
-VERSION = "2"  # 2: LoRA draws spread over up to 8 images, Multi-ADDifT over all pairs (up to 8)
+VERSION = "2"  # 2: LoRA draws spread over up to 8 images, Multi-ADDifT over up to 4 pairs
 
 
 @dataclass
