@@ -10,7 +10,7 @@ import torch
 from tests.modes.conftest import Trainer
 from trainer.check import check_lora
 from trainer.network import load_lora
-from trainer.report import REPORT_SEED, Card, probe_timesteps
+from trainer.report import CHANGE_FLOOR, REPORT_SEED, Card, probe_timesteps
 
 ERASE = {"mode": "iLECO", "model": "tiny-sd1", "original prompt": "red", "target prompt": "",
          "train_iterations": 20, "train_batch_size": 1, "train_learning_rate": 3e-3, "save_lora_name": "erase"}
@@ -27,8 +27,14 @@ def test_ileco_erasing_learns_stays_below_its_own_move_and_check_agrees(trainer)
     assert result["status"] == "done" and card["learned"] and not card["health"]
     # held-out noise: a closed gap this large is learned, not the training noise memorised
     assert card["efficacy"] > 30
-    # on this random tiny model prompts share most of their context (cosine 0.7-0.98), so neighbours
-    # move with it; they still move less than the erased concept itself
+    # On this random tiny model neighbours move 70-93% of the erased prompt's move, whatever is trained
+    # (measured, 20 steps lr 3e-3 / 100 steps lr 1e-3: all layers 87/85%, cross-attention 92/89%, attn2
+    # k/v only 88/87%, all layers without text-encoder adapters 85/86%). Its contexts are alike (cosine
+    # 0.68-0.80 to the neighbours: a character tokenizer, so "red" shares r/e with "street"; padding takes
+    # 66-88% of the cross-attention). An encoder built so prompts are near-orthogonal (cosine -0.18..0.16)
+    # brought drift to 30-50% only, rising with more steps (k/v 100 -> 300 steps: 43 -> 51%), with SGD as
+    # with AdamW: a low-drift erasure is not shown on tiny models yet. Neighbours still move less than the
+    # erased concept itself
     assert 0 < card["specificity"] < 100 and card["neighbours"] == 3
     assert "neighbours moved" in card["verdict"] and result["message"].startswith("Done. LoRA saved to")
     meta = load_lora(result["lora_path"])[1]
@@ -138,3 +144,86 @@ def test_a_nan_the_model_gives_without_the_lora_is_not_the_loras_fault(trainer, 
     assert result["status"] == "done" and Path(result["lora_path"]).is_file()
     assert not card["failed"] and card["verdict"].startswith("not measured")
     assert "nothing saved" not in result["message"] and "report card says: not measured" in result["message"]
+
+
+@pytest.mark.parametrize("request_", ["save", "stop"])
+def test_stop_and_save_gets_a_card_plain_stop_gets_none(trainer, request_):
+    from tests.modes.conftest import BASE
+    from trainer.progress import Events
+    from trainer.runner import run_job
+    from trainer.settings import Settings
+
+    calls = {"n": 0}
+
+    def stop():
+        calls["n"] += 1
+        return request_ if calls["n"] >= 6 else None
+
+    settings = Settings.from_layers(BASE, {**ERASE, "train_iterations": 12, "save_lora_name": f"stop_{request_}"})
+    result = run_job(settings, trainer.host, events=Events(), stop=stop)
+    assert result["steps"] == 6
+    if request_ == "stop":  # no file, so no card
+        assert result["status"] == "stopped" and result["lora_path"] is None and not result.get("report")
+        return
+    card = result["report"]
+    assert result["status"] == "saved_stop" and card["efficacy"] is not None and card["neighbours"] == 3
+    meta = load_lora(result["lora_path"])[1]
+    # the stop file carries the card, and check on it prints the same lines
+    assert float(meta["traintrain_report_efficacy"]) == pytest.approx(card["efficacy"], rel=1e-3)
+    assert "traintrain_report_probe" in meta and meta["traintrain_report_learned"] == str(card["learned"]).lower()
+    with trainer.host.acquire("tiny-sd1", "", precision="fp32", v_pred=None) as bundle:
+        assert check_lora(result["lora_path"], bundle)["report_lines"] == Card(**card).lines()
+
+
+def test_a_bf16_run_and_check_print_the_same_card(trainer, tmp_path):
+    """A half-precision model measures its card under its own autocast; ``check`` loads the model in the
+    precision the file names (``traintrain_report_dtype``), so both print the same lines. Before, check
+    measured in fp32 and printed efficacy 70.7% for a run that printed 70.2%."""
+    import json
+
+    from trainer.check import main
+
+    result = trainer.run(**{**ERASE, "train_iterations": 3, "train_model_precision": "bf16", "save_lora_name": "half"})
+    card = result["report"]
+    assert card["dtype"] == "bf16" and load_lora(result["lora_path"])[1]["traintrain_report_dtype"] == "bf16"
+    out = tmp_path / "check.json"
+    assert main([result["lora_path"], "--model", "tiny-sd1", "--device", "cpu", "--json", str(out)]) in (0, 1)
+    checked = json.loads(out.read_text(encoding="utf-8"))
+    assert checked["report_lines"] == Card(**card).lines() and checked["report"]["dtype"] == "bf16"
+
+
+def _pair_mode(mode: str, tmp_path) -> dict:
+    from tests.modes.conftest import draw_image
+
+    if mode != "Multi-ADDifT":
+        orig, targ = draw_image(tmp_path / "orig.png", (220, 40, 40)), draw_image(tmp_path / "targ.png", (40, 60, 230))
+        return {"mode": mode, "original image": str(orig), "target image": str(targ),
+                "train_learning_rate": 1e-2 if mode == "Difference" else 1e-3}
+    folder = tmp_path / "pairs"
+    folder.mkdir(exist_ok=True)
+    for i in range(3):
+        draw_image(folder / f"p{i}.png", (220, 40 + 20 * i, 40), box=(10 + 3 * i, 12, 44, 46))
+        draw_image(folder / f"p{i}_after.png", (40, 60 + 20 * i, 230), box=(10 + 3 * i, 12, 44, 46))
+        (folder / f"p{i}.txt").write_text(f"square {i}", encoding="utf-8")
+        (folder / f"p{i}_after.txt").write_text(f"blue square {i}", encoding="utf-8")
+    return {"mode": mode, "lora_data_directory": str(folder), "diff_target_name": "_after", "train_learning_rate": 1e-3}
+
+
+@pytest.mark.parametrize("mode", ["ADDifT", "Multi-ADDifT", "Difference"])
+def test_pair_modes_learned_at_a_normal_rate_and_not_at_1e_12(trainer, tmp_path, mode):
+    """The pair modes are judged by the output change at weight 1 (CHANGE_FLOOR, calibrated in report.py):
+    their efficacy takes either sign in normal tiny runs, and Difference at lr 1e-12 (40 steps) changed the
+    output by 1.09e-6, which the old 'identical' rule (< 1e-6) let through as learned."""
+    # Difference at 40 steps: lr 1e-12 changes its output by 1.09e-6, above the old rule's 1e-6
+    values = {**_pair_mode(mode, tmp_path), "model": "tiny-sd1", "train_iterations": 40 if mode == "Difference" else 6,
+              "train_batch_size": 1, "train_min_timesteps": 200, "train_max_timesteps": 800}
+    normal = trainer.run(**values, save_lora_name="normal")["report"]
+    still = trainer.run(**{**values, "train_learning_rate": 1e-12}, save_lora_name="still")["report"]
+    assert normal["learned"] and normal["change"] > 10 * CHANGE_FLOOR[normal["kind"]], normal
+    assert not still["learned"] and still["verdict"].startswith("did not learn"), still
+    assert still["change"] < CHANGE_FLOOR[still["kind"]] / 10
+    if mode == "Multi-ADDifT":  # every pair measured, each with its own captions
+        from trainer.report import Probe
+
+        probe = Probe.from_json(load_lora(trainer.lora_dir / "normal.safetensors")[1]["traintrain_report_probe"])
+        assert len(probe.images) == 6 and probe.captions[1] == "blue square 0" and probe.captions[4] == "square 2"

@@ -41,7 +41,7 @@ def check_lora(path: str | Path, bundle, *, size_px: int = 512, prompt: str = ""
     """
     from trainer.errors import InputError
     from trainer.network import load_lora, network_from_file
-    from trainer.report import measure
+    from trainer.report import card_precision, measure
 
     state_dict, metadata = load_lora(path)
     network = network_from_file(bundle, path, device=bundle.device)
@@ -53,6 +53,11 @@ def check_lora(path: str | Path, bundle, *, size_px: int = 512, prompt: str = ""
     algos = Counter(type(a).__name__ for a in getattr(network, "adapters", {}).values())
     probe = file_probe(metadata, size_px=size_px, prompt=prompt, images_dir=images_dir)
     warnings = []
+    stored = metadata.get("traintrain_report_dtype")
+    if stored and stored != card_precision(bundle)[0]:
+        warnings.append(f"the card in the file was measured with the model in {stored}, this check in "
+                        f"{card_precision(bundle)[0]}: the numbers differ slightly (python -m trainer check loads "
+                        "the model in the file's precision)")
     network.attach()
     try:
         try:
@@ -116,9 +121,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="write the report here")
     args = parser.parse_args(argv)
     from trainer.hosts.standalone import StandaloneHost
+    from trainer.network import load_lora
 
     host = StandaloneHost(device=args.device)
-    with host.acquire(args.model, args.vae or "", precision="fp32", v_pred=None, text_encoder=args.te or "") as bundle:
+    # the precision the card was measured in (half-precision runs): the same numbers as the run printed
+    precision = load_lora(args.lora)[1].get("traintrain_report_dtype", "fp32")
+    with host.acquire(args.model, args.vae or "", precision=precision, v_pred=None,
+                      text_encoder=args.te or "") as bundle:
         result = check_lora(args.lora, bundle, size_px=args.size, prompt=args.prompt, images_dir=args.images)
     text = json.dumps(result, indent=2, default=str)
     print(summary_line(result))  # the answer first; the full report follows

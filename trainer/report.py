@@ -38,16 +38,27 @@ import torch
 REPORT_SEED = 0x7E57_C0DE  # held-out noise: a fixed stream no training step draws from
 PROBES = 4  # noise draws, each at its own timestep
 BUILTIN_NEIGHBOURS = ("a photo of a dog on grass", "a city street at night", "a bowl of fruit on a table")
-MAX_IMAGES = 2  # LoRA mode: own images measured
+MAX_IMAGES = 8  # LoRA mode: own images measured (the draws are spread over them: the cost stays fixed)
+MAX_PAIRS = 4  # Multi-ADDifT: pairs measured (4: the draws stay at PROBES, the cost of one pair but the VAE encodes)
+IMAGE_DRAWS = 2 * PROBES  # LoRA mode: noise draws in all, spread over the images and the timesteps
 MAX_CAPTION_NEIGHBOURS = 2
 EXPLODED_NORM = 1e3  # a LoRA up/down tensor this large (Frobenius) is far outside any trained file
 IDENTICAL = 1e-6  # relative output change below which weight 1 and weight 0 count as identical
-# below FLOOR the run did not learn; below WEAK it learned a little (efficacy in %). The pair modes'
-# floors are 0 (only a move the wrong way fails): their scale is not calibrated on real models yet
-FLOOR = {"prompt": 5.0, "pair": 0.0, "addift": 0.0, "images": 0.5}
-WEAK = {"prompt": 20.0, "pair": 20.0, "addift": 0.0, "images": 2.0}
+# below FLOOR the run did not learn; below WEAK it learned a little (efficacy in %)
+FLOOR = {"prompt": 5.0, "images": 0.5}
+WEAK = {"prompt": 20.0, "images": 2.0}
+# The pair modes (Difference, ADDifT, Multi-ADDifT) are judged by how much weight 1 changes the output
+# (``change``, relative), not by the sign of their efficacy. Measured on tiny-sd1 (3 seeds each, probe on
+# held-out noise): ADDifT defaults (30 steps, lr 1e-4) efficacy -0.005..+0.046 %, change 2.0e-3..2.2e-3;
+# lr 1e-3: efficacy -0.12..+0.64 %, change 2.3e-2..2.6e-2; Multi-ADDifT (3 pairs, 30 steps) lr 1e-4:
+# -0.006..+0.032 %, change 1.7e-3..2.2e-3, lr 1e-3: 0.007..0.29 %, change 1.8e-2..2.2e-2; Difference (40
+# steps, lr 1e-2): efficacy -10..+5 %, weight -1 +0.3..+21 %, change 0.71..0.84. The same runs at lr 1e-12:
+# change printed 0 in ADDifT/Multi-ADDifT, 1e-6 in Difference (the old rule, change < 1e-6, missed it). Efficacy takes either sign in normal runs (a tiny random model has no
+# consistent Original->Target direction), so a floor on it would fail good runs; the change separates the
+# two by > 4 orders of magnitude, and the floor sits 17x below the weakest normal run.
+CHANGE_FLOOR = {"pair": 1e-4, "addift": 1e-4}
 BLEED = 50.0  # neighbours moving more than this % of the target's move: the LoRA is not local
-VERSION = "1"
+VERSION = "2"  # 2: LoRA draws spread over up to 8 images, Multi-ADDifT over up to 4 pairs
 
 
 @dataclass
@@ -62,8 +73,9 @@ class Probe:
         timesteps: one per noise draw.
         prompt: the LoRA's own prompt (iLECO Original; the conditioning of the pair modes).
         target: iLECO Target prompt; ADDifT: the Original branch's prompt.
-        images: image files (LoRA: own images; pair modes: Original, Target).
-        captions: LoRA: one per image.
+        images: image files (LoRA: own images; pair modes: Original, Target, and Multi-ADDifT's further
+            pairs in the same order).
+        captions: LoRA: one per image; Multi-ADDifT: one per image of the pairs (each pair's own prompts).
         neighbours: prompts the LoRA should leave alone.
         scale: the multiplier the pair modes train at (ADDifT 0.25); efficacy is per that multiplier.
         lr, steps, fixed_noise: what the verdict's advice refers to.
@@ -160,6 +172,7 @@ class Card:
     verdict: str
     neighbours: int
     seconds: float = 0.0
+    dtype: str = "fp32"  # the model precision measured in: check loads the model in it to print the same numbers
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -184,7 +197,7 @@ class Card:
         return {"traintrain_report_version": VERSION, "traintrain_report_efficacy": num(self.efficacy),
                 "traintrain_report_specificity": num(self.specificity), "traintrain_report_reverse": num(self.reverse),
                 "traintrain_report_learned": str(self.learned).lower(), "traintrain_report_verdict": self.verdict,
-                "traintrain_report_health": "; ".join(self.health) or "ok"}
+                "traintrain_report_health": "; ".join(self.health) or "ok", "traintrain_report_dtype": self.dtype}
 
 
 EFFICACY_WORDS = {
@@ -218,24 +231,37 @@ def weight_health(state_dict: dict[str, torch.Tensor]) -> tuple[list[str], float
     return problems, largest
 
 
+DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def card_precision(bundle) -> tuple[str, contextlib.AbstractContextManager]:
+    """(name, autocast) the card runs in: full precision on fp32 weights; on half weights autocast in their
+    dtype, exactly as the run trained (``RunPrecision.autocast``). Upcasting a half model for the card would
+    double its memory on the GPU, so instead ``check`` loads the model in the stored precision."""
+    dtype = getattr(bundle, "dtype", torch.float32)
+    if dtype in (torch.float16, torch.bfloat16):
+        return DTYPE_NAMES[dtype], torch.autocast(bundle.device.type, dtype=dtype)
+    return "fp32", contextlib.nullcontext()
+
+
 @torch.no_grad()
-def measure(bundle, network, probe: Probe, state_dict: dict[str, torch.Tensor], *,
-            autocast: contextlib.AbstractContextManager | None = None) -> Card:
-    """Run the card's measurement on an attached network (the one saved, or loaded from the file).
+def measure(bundle, network, probe: Probe, state_dict: dict[str, torch.Tensor]) -> Card:
+    """Run the card's measurement on an attached network (the one saved, or loaded from the file), in
+    :func:`card_precision` (the same for training and ``check`` on a model loaded in the same precision).
 
     Args:
         bundle: the model, adapters attached.
         network: varied over multipliers 0, 1 (and −1 for the pair modes).
         probe: what to measure on.
         state_dict: the tensors as saved (weight health).
-        autocast: the run's autocast (None: full precision, as ``check`` runs).
     """
     started = time.perf_counter()
     problems, largest = weight_health(state_dict)
     was_training = network.training
     network.train(False)  # no adapter dropout in the measurement
+    dtype_name, autocast = card_precision(bundle)
     try:
-        with autocast or contextlib.nullcontext():
+        with autocast:
             numbers = _MEASURES[probe.kind](bundle, network, probe)
     finally:
         network.train(was_training)
@@ -252,6 +278,7 @@ def measure(bundle, network, probe: Probe, state_dict: dict[str, torch.Tensor], 
         problems.append("weight 1 and weight 0 give identical outputs: this LoRA changes nothing")
     card = Card(probe.kind, probe.mode, _clean(efficacy), _clean(specificity), _clean(reverse), change, largest,
                 problems, failed, False, "", len(probe.neighbours))
+    card.dtype = dtype_name
     card.learned, card.verdict = verdict(card, probe, identical)
     card.seconds = round(time.perf_counter() - started, 3)
     return card
@@ -271,9 +298,11 @@ def verdict(card: Card, probe: Probe, identical: bool) -> tuple[bool, str]:
     if card.max_norm > EXPLODED_NORM:
         return False, (f"broken: an up/down norm exploded ({card.max_norm:.3g}); lower train_learning_rate "
                        "or set train_max_grad_norm")
-    low = card.efficacy is not None and card.efficacy < FLOOR.get(card.kind, 0.0)
-    if identical or low:
-        what = "weight 1 changes nothing" if identical else f"efficacy {card.efficacy:.1f}%"
+    low = card.efficacy is not None and card.efficacy < FLOOR.get(card.kind, -math.inf)
+    still = card.change < CHANGE_FLOOR.get(card.kind, 0.0)
+    if identical or low or still:
+        what = ("weight 1 changes nothing" if identical else
+                f"weight 1 changes the output by {100 * card.change:.3g}%" if still else f"efficacy {card.efficacy:.1f}%")
         return False, f"did not learn ({what}); {_cause(card, probe)}"
     words = "learned"
     if card.efficacy is None:  # a file with no stored probe (another trainer): only the change is known
@@ -281,6 +310,8 @@ def verdict(card: Card, probe: Probe, identical: bool) -> tuple[bool, str]:
                  "in this file)")
     elif card.efficacy < WEAK.get(card.kind, 0.0):
         words = f"learned weakly ({card.efficacy:.1f}%); {_cause(card, probe)}"
+    if card.kind in CHANGE_FLOOR and card.efficacy is not None and card.efficacy <= 0:
+        words += "; on the probe weight 1 does not move towards the Target"
     if card.reverse is not None and card.reverse <= 0:
         words += "; weight −1 does not move the other way"
     if card.specificity is not None:
@@ -335,6 +366,12 @@ def _drift(bundle, network, x, t, neighbours: list[str], move: float) -> float |
         b = _predict(bundle, network, x, t, c1.select([i]), 1.0)
         drifts.append(float((b - a).norm()) ** 2)
     return 100.0 * math.sqrt(sum(drifts) / len(drifts)) / move
+
+
+def _spread(items: int, draws: int) -> tuple[list[int], list[int]]:
+    """(item, timestep index) of each draw: items in turn, each item's draws on successive timesteps, so
+    every item sees different timesteps and the cost is ``draws`` forward passes however many items."""
+    return ([k % items for k in range(draws)], [(k % items + k // items) % PROBES for k in range(draws)])
 
 
 def _latent_shape(bundle, probe: Probe) -> tuple[int, ...]:
@@ -403,14 +440,14 @@ def _noise_schedule(bundle):
 
 def _measure_images(bundle, network, probe: Probe):
     latents = load_latents(bundle, probe.images, probe.size)
-    n = latents.shape[0]
-    x0 = latents.repeat_interleave(PROBES, 0)
-    eps = _noise((n * PROBES, *latents.shape[1:]), bundle.device)
-    t = _t(bundle, probe).repeat(n)
+    item, t_index = _spread(latents.shape[0], max(IMAGE_DRAWS, latents.shape[0]))
+    x0 = latents[item]
+    eps = _noise((len(item), *latents.shape[1:]), bundle.device)
+    t = _t(bundle, probe)[t_index]
     schedule = _noise_schedule(bundle)
     noisy = schedule.add_noise(x0, eps, t)
     goal = schedule.v_target(x0, eps, t) if bundle.v_pred else eps
-    caps = [c for c in probe.captions for _ in range(PROBES)]
+    caps = [probe.captions[i] for i in item]
     u0 = _predict(bundle, network, noisy, t, _conds(bundle, network, caps, 0.0), 0.0)
     u1 = _predict(bundle, network, noisy, t, _conds(bundle, network, caps, 1.0), 1.0)
     l0, l1 = float(((u0 - goal) ** 2).mean()), float(((u1 - goal) ** 2).mean())
@@ -425,17 +462,22 @@ def _measure_pair(bundle, network, probe: Probe):
     from trainer.modes.inputs import denoised
 
     latents = load_latents(bundle, probe.images, probe.size)
-    x_o, x_t = latents[:1].expand(PROBES, -1, -1, -1), latents[1:2].expand(PROBES, -1, -1, -1)
-    eps = _noise((PROBES, *latents.shape[1:]), bundle.device)
-    t, schedule = _t(bundle, probe), _noise_schedule(bundle)
+    pairs = latents.shape[0] // 2  # Multi-ADDifT: every pair, the draws spread over them (same cost up to 4)
+    pair, t_index = _spread(pairs, max(PROBES, pairs))
+    x_o, x_t = latents[0::2][pair], latents[1::2][pair]
+    eps = _noise((len(pair), *latents.shape[1:]), bundle.device)
+    t, schedule = _t(bundle, probe)[t_index], _noise_schedule(bundle)
     a_o, a_t = schedule.add_noise(x_o, eps, t), schedule.add_noise(x_t, eps, t)
-    c = {m: _conds(bundle, network, [probe.prompt], m) for m in (0.0, 1.0, -1.0)}
+    # each pair's own prompts when the probe has them (Multi-ADDifT captions), else the run's two prompts
+    own = [probe.captions[2 * k + 1] for k in pair] if len(probe.captions) == 2 * pairs else [probe.prompt]
+    frozen = [probe.captions[2 * k] for k in pair] if len(probe.captions) == 2 * pairs else [probe.target]
+    c = {m: _conds(bundle, network, own, m) for m in (0.0, 1.0, -1.0)}
     if probe.kind == "pair":  # Difference: the denoised estimate of the Original moves along x_t − x_o
         x, direction = a_o, (x_t - x_o)
         space = lambda u: denoised(schedule, x, u, t, bundle.v_pred)  # noqa: E731
     else:  # ADDifT: on the Target's noisy latent, weight +scale reproduces the frozen Original prediction
         x = a_t
-        ref = _predict(bundle, network, a_o, t, _conds(bundle, network, [probe.target], 0.0), 0.0)
+        ref = _predict(bundle, network, a_o, t, _conds(bundle, network, frozen, 0.0), 0.0)
         space = lambda u: u  # noqa: E731
     u = {m: _predict(bundle, network, x, t, c[m], m) for m in (0.0, 1.0, -1.0)}
     if probe.kind != "pair":
@@ -480,8 +522,5 @@ def measure_saved(ctx, network, probe: Probe, state_dict: dict[str, torch.Tensor
                   isolate: contextlib.AbstractContextManager | None = None) -> Card:
     """The card of a finished run, on the weights as they will be saved; ``isolate`` sets other networks
     aside (Difference's copier is not in the file, so ``check`` measures without it too)."""
-    # fp32 weights: measure in full precision, as check does, so both print the same numbers; only
-    # half-precision weights need the run's autocast
-    full = getattr(ctx.bundle, "dtype", None) == torch.float32
     with isolate or contextlib.nullcontext(), as_saved(network, state_dict):
-        return measure(ctx.bundle, network, probe, state_dict, autocast=None if full else ctx.precision.autocast())
+        return measure(ctx.bundle, network, probe, state_dict)

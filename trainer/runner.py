@@ -145,7 +145,8 @@ def _message(result: dict[str, Any]) -> str:
     if status == "stopped":
         return "Stopped" + (f". Last saved to {path}" if path else "") + tail
     if status == "saved_stop":
-        return f"Stopped and saved the LoRA to {path}{tail}"
+        said = f", and the report card says: {card.get('verdict', '')}" if card and not card.get("learned") else ""
+        return f"Stopped and saved the LoRA to {path}{said}{tail}"
     if not path:
         return "Done (nothing saved)" + tail
     if card and not card.get("learned"):  # saved, but the user must not take it for a working LoRA

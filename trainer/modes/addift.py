@@ -74,13 +74,21 @@ def addift_loss(ctx: RunContext, s, network, draw: Callable[[int], tuple]) -> Ca
     return loss_step
 
 
-def addift_probe(s, images: list[str], original: str, target: str, size: tuple[int, int]):
-    """The report card's inputs: the pair (swapped like training when reverted), the LoRA branch's prompt
-    and the frozen branch's prompt; efficacy is per the trained multiplier."""
-    if s.diff_revert_original_target:
-        images, original, target = images[::-1], target, original
+def addift_probe(s, images: list[str], original: str, target: str, size: tuple[int, int],
+                 captions: list[str] | None = None):
+    """The report card's inputs: the pair(s) (swapped like training when reverted), the LoRA branch's prompt
+    and the frozen branch's prompt; efficacy is per the trained multiplier.
+
+    Args:
+        images: Original, Target (Multi-ADDifT: then the further pairs, in the same order).
+        captions: Multi-ADDifT: one per image (each pair's own prompts); None uses ``original``/``target``.
+    """
+    captions = list(captions or [])
+    if s.diff_revert_original_target:  # reversing the flat list swaps every pair (and the pairs' order)
+        images, captions, original, target = images[::-1], captions[::-1], target, original
+    own = (original, target, *captions)
     return run_probe(s, "addift", size=size, images=images, prompt=target, target=original, scale=TRAIN_MULTIPLIER,
-                     neighbours=neighbour_prompts(s.report_neighbours, exclude=(original, target)))
+                     captions=captions, neighbours=neighbour_prompts(s.report_neighbours, exclude=own))
 
 
 def run(ctx: RunContext) -> ModeOutcome:

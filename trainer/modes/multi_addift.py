@@ -24,6 +24,7 @@ from trainer.modes.setup import (
     run_pass,
 )
 from trainer.paths import folder_name
+from trainer.report import MAX_PAIRS
 
 
 def planned_suffixes(s) -> list[str]:
@@ -72,10 +73,13 @@ def run(ctx: RunContext) -> ModeOutcome:
         return (batch.orig_latents, batch.targ_latents, encode(batch.orig_captions, step).with_size(size),
                 encode(batch.targ_captions, step).with_size(size), batch.masks)
 
-    first = plan.pairs[0]  # the card measures the first pair, at its bucket's size
+    # the card measures up to MAX_PAIRS pairs (its draws spread over them), at the first pair's bucket size
+    measured = plan.pairs[:MAX_PAIRS]
+    first = measured[0]
     bucket_w, bucket_h = first.orig.bucket
-    probe = addift_probe(s, [str(first.orig.path.resolve()), str(first.targ.path.resolve())], first.orig.caption,
-                         first.targ.caption, (int(bucket_h), int(bucket_w)))
+    probe = addift_probe(s, [str(x.path.resolve()) for p in measured for x in (p.orig, p.targ)], first.orig.caption,
+                         first.targ.caption, (int(bucket_h), int(bucket_w)),
+                         captions=[x.caption for p in measured for x in (p.orig, p.targ)])
 
     counts = {f"{w}x{h}": n for (w, h), n in data.counts().items()}
     extra = {"traintrain_data": folder_name(s.lora_data_directory), "traintrain_diff_target_name": s.diff_target_name,

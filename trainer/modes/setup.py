@@ -458,9 +458,13 @@ def finish(ctx: RunContext, s, network, result: PassResult, written: list[Path],
     card = None
     status = result.status
     final = Path(result.last_save) if result.last_save else None
+    wants_card = probe is not None and getattr(s, "effect_check", True)
+    if result.status == "saved_stop" and final is not None and wants_card:
+        # Stop-and-Save hands the user a file too: it gets its card (plain Stop leaves no file, no card)
+        card = _card_for_stop(ctx, s, network, final, result.steps, extra, probe, isolate)
     if result.status == "done":
         state = network.kohya_state_dict(dtype=save_dtype(s.save_precision), strength=float(s.network_strength))
-        if probe is not None and getattr(s, "effect_check", True):
+        if wants_card:
             card = measure_saved(ctx, network, probe, state, isolate() if isolate else None)
             extra.update(card.metadata())
             extra["traintrain_report_probe"] = probe.to_json()
@@ -474,6 +478,23 @@ def finish(ctx: RunContext, s, network, result: PassResult, written: list[Path],
             saved.append((final, sidecar))
     return ModeOutcome(status, final, result.steps, result.final_loss, saved,
                        None if card is None else card.to_dict(), list(ctx.notes))
+
+
+def _card_for_stop(ctx: RunContext, s, network, path: Path, steps: int, extra: dict[str, Any], probe: Probe,
+                   isolate: Callable[[], Any] | None):
+    """The card of a Stop-and-Save file: measured on the weights as saved, its metadata written into
+    that file (rewritten in place, atomically: the same tensors, the card's keys added)."""
+    from trainer.network import save_lora
+
+    state = network.kohya_state_dict(dtype=save_dtype(s.save_precision), strength=float(s.network_strength))
+    card = measure_saved(ctx, network, probe, state, isolate() if isolate else None)
+    if not card.learned:
+        ctx.note(card.verdict)
+    if ctx.is_main and not card.failed:  # a non-finite state was never written (save_lora refuses it)
+        full = {**extra, **card.metadata(), "traintrain_report_probe": probe.to_json()}
+        save_lora(path, state, make_metadata(ctx, s, network, suffix=path.stem[len(ctx.out.name):], steps=steps,
+                                             extra=full))
+    return card
 
 
 # -- data ----------------------------------------------------------------------------------------
