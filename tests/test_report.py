@@ -10,7 +10,7 @@ import torch
 from tests.modes.conftest import Trainer
 from trainer.check import check_lora
 from trainer.network import load_lora
-from trainer.report import CHANGE_FLOOR, REPORT_SEED, Card, probe_timesteps
+from trainer.report import BUILTIN_NEIGHBOURS, CHANGE_FLOOR, REPORT_SEED, Card, probe_timesteps
 
 ERASE = {"mode": "iLECO", "model": "tiny-sd1", "original prompt": "red", "target prompt": "",
          "train_iterations": 20, "train_batch_size": 1, "train_learning_rate": 3e-3, "save_lora_name": "erase"}
@@ -45,6 +45,24 @@ def test_ileco_erasing_learns_stays_below_its_own_move_and_check_agrees(trainer)
     # the same probe from the file's metadata: the same printed lines
     assert checked["report_lines"] == Card(**card).lines()
     assert checked["warnings"] == []
+
+
+KEEP = ("a cat sleeping on a sofa", "a car on a mountain road", "a glass of water", "an old man reading a book",
+        "snow on a pine forest", "a yellow taxi", "musicians on a stage", "a plate of pasta")
+
+
+def test_keep_prompts_hold_unseen_neighbours_still_while_the_erase_still_learns(tmp_path, monkeypatch):
+    # the card's neighbours (the built-in set) are not among the kept prompts: held out twice (noise, prompts)
+    assert not set(KEEP) & set(BUILTIN_NEIGHBOURS)
+    common = {**ERASE, "train_iterations": 100, "train_learning_rate": 1e-3}
+    plain = Trainer(tmp_path / "plain", monkeypatch).run(**common)["report"]
+    kept = Trainer(tmp_path / "kept", monkeypatch).run(**common, ileco_keep_prompts="\n".join(KEEP))
+    card = kept["report"]
+    # measured on tiny SD1: drift 85% -> 47% of the erase's own move, efficacy 83% -> 80%. The letter-level
+    # tiny tokenizer shares "r", "e", "d" with every neighbour, so the drift left is partly the concept itself
+    assert card["learned"] and card["efficacy"] > 0.8 * plain["efficacy"]
+    assert card["specificity"] < 0.7 * plain["specificity"], (card["specificity"], plain["specificity"])
+    assert load_lora(kept["lora_path"])[1]["traintrain_keep_prompts"].splitlines() == list(KEEP)
 
 
 def test_the_same_run_at_lr_0_did_not_learn_and_says_which_setting(trainer):

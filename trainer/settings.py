@@ -386,6 +386,15 @@ FIELDS: tuple[Field, ...] = (
          "(default): fresh noise every step, same cost, and it carries over to noise it never saw: on held-out "
          "noise (tiny SD1, red->blue, rank 8, lr 1e-3) fresh noise closed 93%/95% of the gap after 150/300 "
          "steps, fixed noise 71%/74%.", modes=_ILECO, **_CH, label="One fixed noise latent", group="noise"),
+    _opt(3, "ileco_keep_prompts", str, "",
+         "iLECO: prompts the erase/replace must leave alone, one per line. Each step also trains the LoRA to give "
+         "the base model's prediction for one of them (in turn), at ileco_keep_weight: one more forward and "
+         "backward per step. Shared tokens (start, padding) carry much of every prompt's context, so without "
+         "this an erase moves unrelated prompts too. Empty = off (the reference's behaviour).",
+         modes=_ILECO, **_TA, label="Prompts to keep", group="advanced"),
+    _opt(3, "ileco_keep_weight", float, 1.0,
+         "iLECO: weight of the keep-prompt term against the erase/replace term (used only with ileco_keep_prompts).",
+         modes=_ILECO, label="Keep weight", group="advanced", **_range(0.0, 100.0, above=True)),
     _opt(3, "effect_check", bool, True,
          "After training, the report card: efficacy (did it learn, on held-out noise), specificity (did "
          "neighbour prompts stay put) and health (NaN, no change, exploded weights), with a verdict and the "

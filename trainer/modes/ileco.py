@@ -48,6 +48,12 @@ def run(ctx: RunContext) -> ModeOutcome:
     z = torch.randn((batch, channels, height // factor, width // factor), generator=gen, device=gen.device).to(bundle.device)
 
     fixed_noise = bool(s.ileco_fixed_noise)
+    # prompts the LoRA must leave alone: their base predictions are a second target, one prompt per step
+    keep_prompts = [line.strip() for line in (s.ileco_keep_prompts or "").splitlines() if line.strip()]
+    keep_weight = float(s.ileco_keep_weight)
+    if keep_prompts:
+        with torch.no_grad(), network.scaled(0.0):
+            keep_conds = [c.repeat(batch) for c in (bundle.encode_prompts([p]) for p in keep_prompts)]
 
     def loss_step(step: int) -> torch.Tensor:
         noise = z if fixed_noise else torch.randn(z.shape, generator=gen, device=gen.device).to(z.device)
@@ -56,13 +62,21 @@ def run(ctx: RunContext) -> ModeOutcome:
         with torch.no_grad(), network.scaled(0.0):
             goal = bundle.predict(noise, t, target)
         cond = bundle.encode_prompts([s.original_prompt] * batch) if train_te else fixed_original
-        return loss_fn(bundle.predict(noise, t, cond), goal, t)
+        loss = loss_fn(bundle.predict(noise, t, cond), goal, t)
+        if keep_prompts:
+            i = step % len(keep_prompts)
+            keep = bundle.encode_prompts([keep_prompts[i]] * batch) if train_te else keep_conds[i]
+            with torch.no_grad(), network.scaled(0.0):
+                kept = bundle.predict(noise, t, keep_conds[i])
+            loss = loss + keep_weight * loss_fn(bundle.predict(noise, t, keep), kept, t)
+        return loss
 
     probe = run_probe(s, "prompt", prompt=s.original_prompt, target=s.target_prompt, fixed_noise=fixed_noise,
                       neighbours=neighbour_prompts(s.report_neighbours, exclude=(s.original_prompt, s.target_prompt)))
     extra = {
         "traintrain_original_prompt": s.original_prompt, "traintrain_target_prompt": s.target_prompt,
         "traintrain_negative_prompt": s.negative_prompt, "traintrain_timesteps": f"{lo},{hi}",
+        "traintrain_keep_prompts": "\n".join(keep_prompts),
         "ss_tag_frequency": json.dumps({"1": {p: 1 for p in (s.original_prompt, s.target_prompt) if p}}),
     }
     sidecar = {"activation_text": s.original_prompt, "preferred_weight": 1.0, "sd_version": bundle.family.name}
