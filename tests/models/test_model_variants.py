@@ -288,3 +288,17 @@ def test_standalone_lists_every_kind(tmp_path) -> None:
     assert host.list_vaes() == ["", "diffusers-vae", "sdxl_vae.safetensors", "half.vae.safetensors"]
     bundle = load_bundle(host.resolve("my-diffusers"), host.resolve("half.vae.safetensors", "vae"), device="cpu")
     assert bundle.family is Family.SD1
+
+
+def test_standalone_lists_a_comfyui_models_folder(tmp_path) -> None:
+    # ComfyUI: checkpoints/ for whole checkpoints, diffusion_models/ (formerly unet/) for transformer files
+    models = tmp_path / "ComfyUI" / "models"
+    save_single_file(build_builtin("tiny-sd1"), models / "checkpoints" / "sd.safetensors")
+    for folder in ("diffusion_models", "unet"):
+        (models / folder).mkdir(parents=True)
+        save_file({"x": torch.zeros(1)}, str(models / folder / f"z_{folder}.safetensors"))
+    host = StandaloneHost(models)
+    listed = host.list_models()
+    dit = [str(Path("diffusion_models") / "z_diffusion_models.safetensors"), str(Path("unet") / "z_unet.safetensors")]
+    assert listed[:3] == ["sd.safetensors", *dit]
+    assert host.resolve(dit[0]) == str(models / dit[0]) and host.resolve("sd.safetensors").endswith("sd.safetensors")

@@ -36,6 +36,10 @@ _OTHER_KINDS = {"lora", "lycoris", "vae", "embeddings", "hypernetworks", "contro
                 "text_encoder", "text_encoders", "clip"}
 # where Forge Neo (text_encoder), ComfyUI (text_encoders, formerly clip) keep text-encoder files
 _TE_DIRS = ("text_encoder", "text_encoders", "clip")
+# checkpoints: A1111/Forge (Stable-diffusion) or ComfyUI (checkpoints); ComfyUI keeps transformer-only files
+# (Z-Image, Anima) in diffusion_models/ (formerly unet/), listed with that folder in their name
+_CKPT_DIRS = ("Stable-diffusion", "StableDiffusion", "Stable-Diffusion", "checkpoints")
+_DIT_DIRS = ("diffusion_models", "unet")
 
 
 def _scan(root: Path) -> tuple[list[Path], list[Path]]:
@@ -95,13 +99,19 @@ class StandaloneHost:
     def _ckpt_dir(self) -> Path | None:
         if self.models_dir is None:
             return None
-        return _first_dir(self.models_dir, ("Stable-diffusion", "StableDiffusion", "Stable-Diffusion")) or self.models_dir
+        return _first_dir(self.models_dir, _CKPT_DIRS) or self.models_dir
 
     def list_models(self) -> list[str]:
         """Single-file checkpoints and diffusers folders under the models folder, then the built-ins."""
         folder = self._ckpt_dir()
         found = _scan(folder)[0] if folder and folder.is_dir() else []
-        return [str(p.relative_to(folder)) for p in found] + list(BUILTIN_MODELS)  # type: ignore[arg-type]
+        names = [str(p.relative_to(folder)) for p in found]  # type: ignore[arg-type]
+        if self.models_dir is not None and folder != self.models_dir:
+            for name in _DIT_DIRS:
+                extra = self.models_dir / name
+                if extra.is_dir():
+                    names += [str(p.relative_to(self.models_dir)) for p in _scan(extra)[0]]
+        return names + list(BUILTIN_MODELS)
 
     def list_vaes(self) -> list[str]:
         """``""`` (the checkpoint's own), VAE files and diffusers VAE folders in ``VAE/``, then
@@ -145,6 +155,8 @@ class StandaloneHost:
             folders.insert(0, _first_dir(self.models_dir, ("VAE", "vae")) if self.models_dir else None)
         elif kind == "text encoder":
             folders.insert(0, _first_dir(self.models_dir, _TE_DIRS) if self.models_dir else None)
+        if kind == "model":  # diffusion_models/<file> as listed
+            folders.append(self.models_dir)
         for folder in folders:
             if folder and (folder / name).exists():
                 return str(folder / name)
