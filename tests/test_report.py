@@ -245,3 +245,65 @@ def test_pair_modes_learned_at_a_normal_rate_and_not_at_1e_12(trainer, tmp_path,
 
         probe = Probe.from_json(load_lora(trainer.lora_dir / "normal.safetensors")[1]["traintrain_report_probe"])
         assert len(probe.images) == 6 and probe.captions[1] == "blue square 0" and probe.captions[4] == "square 2"
+
+
+def _count_rows(monkeypatch) -> list[int]:
+    """Rows (samples) of every U-Net forward the card makes: its cost on a CPU."""
+    import trainer.report as report
+
+    rows, real = [], report._predict
+
+    def counted(bundle, network, x, *args):
+        rows.append(x.shape[0])
+        return real(bundle, network, x, *args)
+
+    monkeypatch.setattr(report, "_predict", counted)
+    return rows
+
+
+@pytest.mark.parametrize("alt", [1.0, 0.0])
+def test_addift_card_costs_a_few_rows_measures_reverse_only_when_trained_and_check_agrees(trainer, tmp_path,
+                                                                                          monkeypatch, alt):
+    """Layout 3 (issue 18: ADDifT's card cost 15-20% of its 30-step default run): one draw, two built-in
+    neighbours on it, weight −1 only when reverse steps were trained, one forward per multiplier. Layout 2 made
+    40 rows in 10 forwards (4 draws × (reference, 0, 1, −1) + 3 neighbours × 2 weights × 4 draws)."""
+    rows = _count_rows(monkeypatch)
+    values = {**_pair_mode("ADDifT", tmp_path), "model": "tiny-sd1", "train_iterations": 6, "train_batch_size": 1,
+              "diff_alt_ratio": alt, "save_lora_name": f"alt{alt:g}"}
+    result = trainer.run(**values)
+    card = result["report"]
+    # (reference, own, 2 neighbours) at 0; (own, 2 neighbours) at 1; own at −1 when reverse steps trained
+    assert rows == ([1, 3, 3, 1] if alt else [1, 3, 3]) and card["neighbours"] == 2
+    assert card["learned"] and (card["reverse"] is not None) == bool(alt) and card["specificity"] > 0
+    rows.clear()
+    with trainer.host.acquire("tiny-sd1", "", precision="fp32", v_pred=None) as bundle:
+        checked = check_lora(result["lora_path"], bundle, images_dir=tmp_path)
+    assert rows == ([1, 3, 3, 1] if alt else [1, 3, 3]) and checked["report_lines"] == Card(**card).lines()
+
+
+def test_a_layout_2_addift_probe_is_still_measured_the_old_way(trainer, tmp_path, monkeypatch):
+    """Files written before layout 3 store no ``layout``: check measures them as they were measured (4 draws,
+    every neighbour on every draw), so it prints the numbers their card was saved with."""
+    import json
+
+    from trainer.report import BUILTIN_NEIGHBOURS, Probe, measure, probe_timesteps
+
+    values = {**_pair_mode("ADDifT", tmp_path), "model": "tiny-sd1", "train_iterations": 4, "train_batch_size": 1}
+    path = trainer.run(**values, save_lora_name="old")["lora_path"]
+    state, meta = load_lora(path)
+    raw = json.loads(meta["traintrain_report_probe"])
+    del raw["layout"], raw["reverse"]
+    raw.update(timesteps=probe_timesteps(500, 1000), neighbours=list(BUILTIN_NEIGHBOURS))
+    old = Probe.from_json(json.dumps(raw), roots=(tmp_path,))
+    assert old.layout == 2 and old.reverse
+    rows = _count_rows(monkeypatch)
+    from trainer.network import network_from_file
+
+    with trainer.host.acquire("tiny-sd1", "", precision="fp32", v_pred=None) as bundle:
+        network = network_from_file(bundle, path, device=bundle.device)
+        network.attach()
+        try:
+            card = measure(bundle, network, old, state)
+        finally:
+            network.detach()
+    assert sum(rows) == 40 and len(rows) == 10 and card.reverse is not None and card.neighbours == 3

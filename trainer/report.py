@@ -12,7 +12,8 @@ download:
   - Difference: how far weight 1 moves the denoised estimate of the Original along Original→Target,
     as a % of that difference; ADDifT / Multi-ADDifT: how much of the difference the mode trains
     (the frozen model's Original prediction minus its Target prediction, at the trained multiplier)
-    weight 1 reproduces (%). For these three, weight −1 must move the other way (``reverse``).
+    weight 1 reproduces (%). For these three, weight −1 must move the other way (``reverse``; ADDifT only
+    when it trained reverse steps, ``diff_alt_ratio`` > 0).
 * **Specificity**: the drift of the prediction for neighbour prompts (a small built-in set, the
   user's ``report_neighbours``, and for LoRA the dataset captions without the trigger word) as a % of
   the move on the LoRA's own prompt. Lower is more local.
@@ -58,7 +59,27 @@ WEAK = {"prompt": 20.0, "images": 2.0}
 # two by > 4 orders of magnitude, and the floor sits 17x below the weakest normal run.
 CHANGE_FLOOR = {"pair": 1e-4, "addift": 1e-4}
 BLEED = 50.0  # neighbours moving more than this % of the target's move: the LoRA is not local
-VERSION = "2"  # 2: LoRA draws spread over up to 8 images, Multi-ADDifT over up to 4 pairs
+VERSION = "3"  # 2: LoRA draws spread over up to 8 images, Multi-ADDifT over up to 4 pairs; 3: ADDifT layout below
+# ADDifT / Multi-ADDifT probe layout 3 (the card must cost < 5% of a default run, and ADDifT's is 30 steps):
+# ADDifT on one draw (one timestep, the centre of its range; Multi-ADDifT keeps PROBES: its run is 100 steps),
+# two built-in neighbours for ADDifT, each neighbour on one draw, weight −1 only when reverse steps were
+# trained, one forward per multiplier (the reference in its own: weights 0 and 1 must see equal batches).
+# Measured on small-sd1 (bench shape: 128 px, batch 2, CPU, 1 thread), ADDifT 30 steps; each card below on
+# five held-out seeds (REPORT_SEED + 7919·k), min..max:
+#   layout 2 (4 draws, 3 neighbours on every draw: 40 rows in 10 forwards): bench 15-20% of the run;
+#     lr 1e-4 efficacy 0.57..0.64 %, reverse 0.50..0.57, neighbours 58..60 %, change 3.22e-2..3.34e-2;
+#     lr 1e-3 efficacy 11.8..12.4 %, reverse -2.9..-2.4, neighbours 59..60 %, change 0.459..0.467
+#   2 draws, 3 neighbours (14 rows): bench 5.1%; lr 1e-4 efficacy 0.67..0.71, change 3.05e-2..3.21e-2
+#   1 draw, 3 neighbours (10 rows): bench 4.9-5.1%; neighbours 58..61 (lr 1e-4), 60..63 (lr 1e-3)
+#   1 draw, 2 neighbours (8 rows, this layout): bench 4.5-4.6%; lr 1e-4 efficacy 0.67..0.75, reverse
+#     0.61..0.68, neighbours 59..63, change 3.05e-2..3.27e-2; lr 1e-3 efficacy 13.0..14.0, reverse -3.0..-2.3,
+#     neighbours 61..65, change 0.420..0.449; lr 1e-12: change 0 on every seed.
+# One draw moves the change by 7% across seeds against a 300x margin over CHANGE_FLOOR; efficacy keeps its
+# size (~10% higher: timestep 750 alone instead of four) and reverse its sign. The three built-in neighbours
+# drift alike here (per neighbour 54..66 %), so the third adds least (the card's neighbours: 60 -> 62 %).
+DRAWS = {"ADDifT": 1}  # timesteps (noise draws) per mode; others PROBES
+BUILTIN = {"ADDifT": 2}  # built-in neighbours per mode; others all (a user's list is always measured whole)
+LAYOUT = 3  # probes stored before layout 3 (no ``layout`` key) are measured the old way: check gives their numbers
 
 
 @dataclass
@@ -79,6 +100,8 @@ class Probe:
         neighbours: prompts the LoRA should leave alone.
         scale: the multiplier the pair modes train at (ADDifT 0.25); efficacy is per that multiplier.
         lr, steps, fixed_noise: what the verdict's advice refers to.
+        reverse: measure weight −1 (ADDifT: only when it trained reverse steps, ``diff_alt_ratio`` > 0).
+        layout: how the draws are laid out (:data:`LAYOUT`; 2 for files written before it).
     """
 
     kind: str
@@ -94,6 +117,8 @@ class Probe:
     lr: float | None = None
     steps: int | None = None
     fixed_noise: bool | None = None
+    reverse: bool = True
+    layout: int = LAYOUT
 
     def to_json(self) -> str:
         """For the file's metadata: images as ``<folder name>/<file name>``, never the user's absolute
@@ -109,6 +134,7 @@ class Probe:
         name, and measuring it raises the usual InputError (efficacy unknown)."""
         raw = json.loads(text)
         raw["size"] = tuple(raw["size"])
+        raw.setdefault("layout", 2)
         raw["images"] = [_find_image(name, roots) for name in raw.get("images", [])]
         return cls(**{k: v for k, v in raw.items() if k in cls.__dataclass_fields__})
 
@@ -127,20 +153,23 @@ def _find_image(stored: str, roots: tuple[str | Path, ...]) -> str:
 def run_probe(s, kind: str, **fields: Any) -> Probe:
     """A probe with the run's size, timestep range and the numbers the verdict's advice quotes."""
     fields.setdefault("size", tuple(int(v) for v in s.image_size))
-    return Probe(kind=kind, mode=s.mode, timesteps=probe_timesteps(int(s.train_min_timesteps), int(s.train_max_timesteps)),
+    count = DRAWS.get(s.mode, PROBES) if kind == "addift" else PROBES
+    return Probe(kind=kind, mode=s.mode, timesteps=probe_timesteps(int(s.train_min_timesteps), int(s.train_max_timesteps), count),
                  lr=float(s.train_learning_rate), steps=int(s.train_iterations), **fields)
 
 
-def probe_timesteps(lo: int, hi: int) -> list[int]:
-    """PROBES timesteps at the centres of equal slices of [lo, hi): fixed, so every run is comparable."""
-    return [min(int(lo + (hi - lo) * (k + 0.5) / PROBES), 999) for k in range(PROBES)]
+def probe_timesteps(lo: int, hi: int, count: int = PROBES) -> list[int]:
+    """``count`` timesteps at the centres of equal slices of [lo, hi): fixed, so every run is comparable."""
+    return [min(int(lo + (hi - lo) * (k + 0.5) / count), 999) for k in range(count)]
 
 
-def neighbour_prompts(user: str, exclude: tuple[str, ...] = (), extra: tuple[str, ...] = ()) -> list[str]:
-    """The user's neighbours (one per line) or the built-in set, then ``extra``; own prompts left out."""
+def neighbour_prompts(user: str, exclude: tuple[str, ...] = (), extra: tuple[str, ...] = (),
+                      builtin: int | None = None) -> list[str]:
+    """The user's neighbours (one per line) or the first ``builtin`` (default all) of the built-in set, then
+    ``extra``; own prompts left out."""
     listed = [line.strip() for line in (user or "").splitlines() if line.strip()]
     own = {p.strip().lower() for p in exclude}
-    out = [p for p in dict.fromkeys([*(listed or BUILTIN_NEIGHBOURS), *extra]) if p.strip().lower() not in own]
+    out = [p for p in dict.fromkeys([*(listed or BUILTIN_NEIGHBOURS[:builtin]), *extra]) if p.strip().lower() not in own]
     return out
 
 
@@ -350,6 +379,12 @@ def _conds(bundle, network, prompts: list[str], multiplier: float):
         return bundle.encode_prompts(prompts)
 
 
+def _text_adapters(network) -> bool:
+    """Whether the network changes the text encoders (unknown network classes: assume it does)."""
+    targets = getattr(network, "targets", None)
+    return targets is None or any(getattr(t, "component", "") != "unet" for t in targets)
+
+
 def _predict(bundle, network, x: torch.Tensor, t: torch.Tensor, cond, multiplier: float) -> torch.Tensor:
     with network.scaled(multiplier):
         return bundle.predict(x, t, cond.repeat(x.shape[0]) if cond.context.shape[0] == 1 else cond).float()
@@ -368,10 +403,10 @@ def _drift(bundle, network, x, t, neighbours: list[str], move: float) -> float |
     return 100.0 * math.sqrt(sum(drifts) / len(drifts)) / move
 
 
-def _spread(items: int, draws: int) -> tuple[list[int], list[int]]:
+def _spread(items: int, draws: int, slots: int = PROBES) -> tuple[list[int], list[int]]:
     """(item, timestep index) of each draw: items in turn, each item's draws on successive timesteps, so
     every item sees different timesteps and the cost is ``draws`` forward passes however many items."""
-    return ([k % items for k in range(draws)], [(k % items + k // items) % PROBES for k in range(draws)])
+    return ([k % items for k in range(draws)], [(k % items + k // items) % slots for k in range(draws)])
 
 
 def _latent_shape(bundle, probe: Probe) -> tuple[int, ...]:
@@ -498,7 +533,60 @@ def _measure_pair(bundle, network, probe: Probe):
             base_finite)
 
 
-_MEASURES = {"prompt": _measure_prompt, "images": _measure_images, "pair": _measure_pair, "addift": _measure_pair}
+def _measure_addift(bundle, network, probe: Probe):
+    """ADDifT / Multi-ADDifT, layout 3: weight +scale on the Target's noisy latent should reproduce the frozen
+    prediction on the Original's; each pair on its own draws, neighbour i on draw i mod draws, the own rows
+    and the neighbours of one multiplier in one forward."""
+    if probe.layout < 3:
+        return _measure_pair(bundle, network, probe)
+    latents = load_latents(bundle, probe.images, probe.size)
+    pairs, slots = latents.shape[0] // 2, len(probe.timesteps)
+    pair, t_index = _spread(pairs, max(slots, pairs), slots)
+    draws, near = len(pair), [i % len(pair) for i in range(len(probe.neighbours))]
+    eps = _noise((draws, *latents.shape[1:]), bundle.device)
+    t, schedule = _t(bundle, probe)[t_index], _noise_schedule(bundle)
+    a_o = schedule.add_noise(latents[0::2][pair], eps, t)
+    a_t = schedule.add_noise(latents[1::2][pair], eps, t)
+    per_pair = len(probe.captions) == 2 * pairs  # Multi-ADDifT: each pair's own prompts
+    own = [probe.captions[2 * k + 1] for k in pair] if per_pair else [probe.prompt] * draws
+    frozen = [probe.captions[2 * k] for k in pair] if per_pair else [probe.target] * draws
+    prompts = list(dict.fromkeys([*own, *frozen, *probe.neighbours]))  # one encode: equal token lengths
+    # forwards of (multiplier, rows (latent, draw, prompt)); weights 0 and 1 get the same rows in the same batch,
+    # so a LoRA that changes nothing gives bit-identical outputs (a batch of another size rounds differently)
+    mine = [(a_t[d], d, own[d]) for d in range(draws)]
+    nbrs = [(a_t[d], d, p) for d, p in zip(near, probe.neighbours, strict=True)]
+    calls = [(0.0, [(a_o[d], d, frozen[d]) for d in range(draws)]), (0.0, mine + nbrs), (1.0, mine + nbrs)]
+    if probe.reverse:
+        calls.append((-1.0, mine))
+    out, encoded = [], {}
+    for m, batch in calls:
+        key = m if _text_adapters(network) else 0.0  # UNet-only LoRA: one encoding serves every multiplier
+        if key not in encoded:
+            encoded[key] = _conds(bundle, network, prompts, m)
+        cond = encoded[key].select([prompts.index(p) for _, _, p in batch])
+        x = torch.stack([r[0] for r in batch])
+        out.append(_predict(bundle, network, x, t[[r[1] for r in batch]], cond, m))
+    ref = out[0]
+    u0, nb0 = out[1].split([draws, len(nbrs)])
+    u1, nb1 = out[2].split([draws, len(nbrs)])
+    direction = ref - u0
+    denom = float((direction ** 2).sum())
+
+    def moved(u: torch.Tensor) -> float | None:
+        return 100.0 * probe.scale * float(((u - u0) * direction).sum()) / denom if denom > 0 else None
+
+    step = (u1 - u0).flatten(1).norm(dim=1)  # the own move per draw
+    move, spec = float(step.norm()), None
+    own_there = float(step[near].norm()) if near else 0.0  # the own move on the neighbours' draws
+    if near and move > 0 and own_there > 0:
+        spec = 100.0 * float((nb1 - nb0).norm()) / own_there
+    rev = moved(out[3]) if probe.reverse else None
+    finite = bool(torch.isfinite(u1).all() and (not probe.reverse or torch.isfinite(out[3]).all()))
+    return (moved(u1), spec, None if rev is None else -rev, move / max(float(u0.norm()), 1e-12), finite,
+            bool(torch.isfinite(u0).all()))
+
+
+_MEASURES = {"prompt": _measure_prompt, "images": _measure_images, "pair": _measure_pair, "addift": _measure_addift}
 
 
 # -- training side ---------------------------------------------------------------------------------

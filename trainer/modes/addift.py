@@ -20,7 +20,7 @@ import torch
 from trainer.modes.common import NoiseControls, check_timestep_range
 from trainer.modes.inputs import check_diff_mask, encode_prompt_pair, load_image_pair
 from trainer.modes.setup import ModeOutcome, RunContext, build_adapters, finish, run_pass
-from trainer.report import neighbour_prompts, run_probe
+from trainer.report import BUILTIN, neighbour_prompts, run_probe
 
 TRAIN_MULTIPLIER = 0.25
 
@@ -87,8 +87,10 @@ def addift_probe(s, images: list[str], original: str, target: str, size: tuple[i
     if s.diff_revert_original_target:  # reversing the flat list swaps every pair (and the pairs' order)
         images, captions, original, target = images[::-1], captions[::-1], target, original
     own = (original, target, *captions)
+    # weight −1 is a promise only when reverse steps trained it (0: none, negative: a noise regulariser)
     return run_probe(s, "addift", size=size, images=images, prompt=target, target=original, scale=TRAIN_MULTIPLIER,
-                     captions=captions, neighbours=neighbour_prompts(s.report_neighbours, exclude=own))
+                     captions=captions, reverse=float(s.diff_alt_ratio) > 0,
+                     neighbours=neighbour_prompts(s.report_neighbours, exclude=own, builtin=BUILTIN.get(s.mode)))
 
 
 def run(ctx: RunContext) -> ModeOutcome:
