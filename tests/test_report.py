@@ -51,17 +51,20 @@ KEEP = ("a cat sleeping on a sofa", "a car on a mountain road", "a glass of wate
         "snow on a pine forest", "a yellow taxi", "musicians on a stage", "a plate of pasta")
 
 
-def test_keep_prompts_hold_unseen_neighbours_still_while_the_erase_still_learns(tmp_path, monkeypatch):
-    # the card's neighbours (the built-in set) are not among the kept prompts: held out twice (noise, prompts)
+def test_an_erase_with_kept_prompts_learns_and_leaves_unseen_neighbours_still(tmp_path, monkeypatch):
+    # small-sd1: its 128-wide text encoder tells prompts apart (tiny-sd1's 32-wide letter-level one does not:
+    # there kept prompts only took drift from 85% to 47%). The card's neighbours (the built-in set) are not
+    # among the kept prompts, so this is held out twice: noise and prompts.
     assert not set(KEEP) & set(BUILTIN_NEIGHBOURS)
-    common = {**ERASE, "train_iterations": 100, "train_learning_rate": 1e-3}
+    common = {**ERASE, "model": "small-sd1", "train_iterations": 100, "train_learning_rate": 1e-3}
     plain = Trainer(tmp_path / "plain", monkeypatch).run(**common)["report"]
     kept = Trainer(tmp_path / "kept", monkeypatch).run(**common, ileco_keep_prompts="\n".join(KEEP))
     card = kept["report"]
-    # measured on tiny SD1: drift 85% -> 47% of the erase's own move, efficacy 83% -> 80%. The letter-level
-    # tiny tokenizer shares "r", "e", "d" with every neighbour, so the drift left is partly the concept itself
-    assert card["learned"] and card["efficacy"] > 0.8 * plain["efficacy"]
-    assert card["specificity"] < 0.7 * plain["specificity"], (card["specificity"], plain["specificity"])
+    # measured: efficacy 93% -> 90%, neighbour drift 92% -> 23% of the erase's own move
+    assert card["learned"] and card["efficacy"] > 60 and card["efficacy"] > 0.8 * plain["efficacy"]
+    assert card["specificity"] < 40 and plain["specificity"] > 2 * card["specificity"], (card, plain)
+    assert "neighbours moved" in card["verdict"] and "not local" not in card["verdict"]
+    assert "not local: list prompts to keep in ileco_keep_prompts" in plain["verdict"]  # the fix, named
     assert load_lora(kept["lora_path"])[1]["traintrain_keep_prompts"].splitlines() == list(KEEP)
 
 

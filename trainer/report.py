@@ -337,16 +337,19 @@ def verdict(card: Card, probe: Probe, identical: bool) -> tuple[bool, str]:
     if card.efficacy is None:  # a file with no stored probe (another trainer): only the change is known
         words = (f"changes the output by {100 * card.change:.1f}% (efficacy not measured: no TrainTrain probe "
                  "in this file)")
+    elif card.kind in CHANGE_FLOOR:  # pair modes: learned by the change; the sign of efficacy is a warning
+        if card.efficacy <= 0:
+            words += (f"; on the probe weight 1 does not move towards the Target ({card.efficacy:.1f}%): "
+                      f"{_cause(card, probe)}")
     elif card.efficacy < WEAK.get(card.kind, 0.0):
         words = f"learned weakly ({card.efficacy:.1f}%); {_cause(card, probe)}"
-    if card.kind in CHANGE_FLOOR and card.efficacy is not None and card.efficacy <= 0:
-        words += "; on the probe weight 1 does not move towards the Target"
     if card.reverse is not None and card.reverse <= 0:
         words += "; weight −1 does not move the other way"
     if card.specificity is not None:
         words += f"; neighbours moved {card.specificity:.0f}% of the target's move"
         if card.specificity > BLEED:
-            words += (" (not local: lower train_learning_rate or network_rank, or train fewer network_blocks)")
+            fix = "list prompts to keep in ileco_keep_prompts, or " if card.kind == "prompt" else ""
+            words += f" (not local: {fix}lower train_learning_rate or network_rank, or train fewer network_blocks)"
     return True, words
 
 
