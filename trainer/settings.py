@@ -390,7 +390,8 @@ FIELDS: tuple[Field, ...] = (
          "iLECO: prompts the erase/replace must leave alone, one per line. Each step also trains the LoRA to give "
          "the base model's prediction for one of them (in turn), at ileco_keep_weight: one more forward and "
          "backward per step. Shared tokens (start, padding) carry much of every prompt's context, so without "
-         "this an erase moves unrelated prompts too. Empty = off (the reference's behaviour).",
+         "this an erase moves unrelated prompts too (small-sd1, 8 kept prompts: unseen neighbours' drift 92% -> 23% of "
+         "the erase's move, efficacy 93% -> 90%). Empty = off (the reference's behaviour).",
          modes=_ILECO, **_TA, label="Prompts to keep", group="advanced"),
     _opt(3, "ileco_keep_weight", float, 1.0,
          "iLECO: weight of the keep-prompt term against the erase/replace term (used only with ileco_keep_prompts).",
