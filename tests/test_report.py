@@ -276,12 +276,12 @@ def test_addift_card_costs_a_few_rows_measures_reverse_only_when_trained_and_che
     result = trainer.run(**values)
     card = result["report"]
     # (reference, own, 2 neighbours) at 0; (own, 2 neighbours) at 1; own at −1 when reverse steps trained
-    assert rows == ([1, 3, 3, 1] if alt else [1, 3, 3]) and card["neighbours"] == 2
+    assert rows == ([1, 2, 2, 1] if alt else [1, 2, 2]) and card["neighbours"] == 1
     assert card["learned"] and (card["reverse"] is not None) == bool(alt) and card["specificity"] > 0
     rows.clear()
     with trainer.host.acquire("tiny-sd1", "", precision="fp32", v_pred=None) as bundle:
         checked = check_lora(result["lora_path"], bundle, images_dir=tmp_path)
-    assert rows == ([1, 3, 3, 1] if alt else [1, 3, 3]) and checked["report_lines"] == Card(**card).lines()
+    assert rows == ([1, 2, 2, 1] if alt else [1, 2, 2]) and checked["report_lines"] == Card(**card).lines()
 
 
 def test_a_layout_2_addift_probe_is_still_measured_the_old_way(trainer, tmp_path, monkeypatch):

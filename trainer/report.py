@@ -77,8 +77,11 @@ VERSION = "3"  # 2: LoRA draws spread over up to 8 images, Multi-ADDifT over up 
 # One draw moves the change by 7% across seeds against a 300x margin over CHANGE_FLOOR; efficacy keeps its
 # size (~10% higher: timestep 750 alone instead of four) and reverse its sign. The three built-in neighbours
 # drift alike here (per neighbour 54..66 %), so the third adds least (the card's neighbours: 60 -> 62 %).
+# At ADDifT's default batch 1 (bench --batch 1) that layout cost 6.9% of the run: one built-in neighbour
+# (6 rows) 5.8%. Forwards dominate (0.16 s of the card's ~0.5 s each); the next cut is one forward for
+# weights 0, 1 and -1 (a per-row multiplier), not done yet.
 DRAWS = {"ADDifT": 1}  # timesteps (noise draws) per mode; others PROBES
-BUILTIN = {"ADDifT": 2}  # built-in neighbours per mode; others all (a user's list is always measured whole)
+BUILTIN = {"ADDifT": 1}  # built-in neighbours per mode; others all (a user's list is always measured whole)
 LAYOUT = 3  # probes stored before layout 3 (no ``layout`` key) are measured the old way: check gives their numbers
 
 
