@@ -267,21 +267,21 @@ def _count_rows(monkeypatch) -> list[int]:
 @pytest.mark.parametrize("alt", [1.0, 0.0])
 def test_addift_card_costs_a_few_rows_measures_reverse_only_when_trained_and_check_agrees(trainer, tmp_path,
                                                                                           monkeypatch, alt):
-    """Layout 3 (issue 18: ADDifT's card cost 15-20% of its 30-step default run): one draw, two built-in
-    neighbours on it, weight −1 only when reverse steps were trained, one forward per multiplier. Layout 2 made
+    """Layout 3 (issue 18: ADDifT's card cost 15-20% of its 30-step default run): one draw, one built-in
+    neighbour on it, weight −1 only when reverse steps were trained, one forward per multiplier. Layout 2 made
     40 rows in 10 forwards (4 draws × (reference, 0, 1, −1) + 3 neighbours × 2 weights × 4 draws)."""
     rows = _count_rows(monkeypatch)
     values = {**_pair_mode("ADDifT", tmp_path), "model": "tiny-sd1", "train_iterations": 6, "train_batch_size": 1,
               "diff_alt_ratio": alt, "save_lora_name": f"alt{alt:g}"}
     result = trainer.run(**values)
     card = result["report"]
-    # (reference, own, 2 neighbours) at 0; (own, 2 neighbours) at 1; own at −1 when reverse steps trained
-    assert rows == ([1, 2, 2, 1] if alt else [1, 2, 2]) and card["neighbours"] == 1
+    # (reference, own, neighbour) at 0; (own, neighbour) at 1; own at −1 when reverse steps trained
+    assert rows == ([3, 2, 1] if alt else [3, 2]) and card["neighbours"] == 1
     assert card["learned"] and (card["reverse"] is not None) == bool(alt) and card["specificity"] > 0
     rows.clear()
     with trainer.host.acquire("tiny-sd1", "", precision="fp32", v_pred=None) as bundle:
         checked = check_lora(result["lora_path"], bundle, images_dir=tmp_path)
-    assert rows == ([1, 2, 2, 1] if alt else [1, 2, 2]) and checked["report_lines"] == Card(**card).lines()
+    assert rows == ([3, 2, 1] if alt else [3, 2]) and checked["report_lines"] == Card(**card).lines()
 
 
 def test_a_layout_2_addift_probe_is_still_measured_the_old_way(trainer, tmp_path, monkeypatch):
