@@ -80,7 +80,9 @@ VERSION = "3"  # 2: LoRA draws spread over up to 8 images, Multi-ADDifT over up 
 # At ADDifT's default batch 1 (bench --batch 1) that layout cost 6.9% of the run: one built-in neighbour
 # (6 rows) 5.8%; the reference in the weight-0 forward (3 forwards) 5.6%: a LoRA that changes nothing then
 # shows a change below IDENTICAL, not exactly 0 (another batch size rounds differently), and is still
-# 'did not learn' by CHANGE_FLOOR. Left: one forward for weights 0, 1 and -1 (a per-row multiplier).
+# 'did not learn' by CHANGE_FLOOR. Tried and dropped: all rows in one forward with a multiplier per row
+# (0.451 vs 0.454 s: on a CPU the card costs ~0.06 s a row plus ~0.15 s of VAE encode, weight reload and
+# health; 6 rows is the least that measures efficacy, reverse and one neighbour).
 DRAWS = {"ADDifT": 1}  # timesteps (noise draws) per mode; others PROBES
 BUILTIN = {"ADDifT": 1}  # built-in neighbours per mode; others all (a user's list is always measured whole)
 LAYOUT = 3  # probes stored before layout 3 (no ``layout`` key) are measured the old way: check gives their numbers
