@@ -44,7 +44,8 @@ def test_file_loads_in_diffusers_with_same_output(request, tmp_path, family, net
         assert family == "sdxl"  # only SDXL is saved in sgm names
 
     kwargs = {"unet_config": reference_unet.config} if family == "sdxl" else {}
-    state_dict, alphas = mixin.lora_state_dict(str(path), **kwargs)
+    # folder + weight_name: diffusers < 0.38 refuses a bare file path when offline (Forge Neo ships 0.37.1)
+    state_dict, alphas = mixin.lora_state_dict(str(path.parent), weight_name=path.name, **kwargs)
     unet_keys = [k for k in state_dict if k.startswith("unet.")]
     assert all(k.startswith(("unet.", "text_encoder.", "text_encoder_2.")) for k in state_dict)  # all converted
     reference_unet.load_lora_adapter(state_dict, network_alphas=alphas, prefix="unet", adapter_name="ours")

@@ -133,7 +133,7 @@ def test_zimage_file_loads_in_diffusers_with_the_same_output(tmp_path):
     finally:
         network.detach()
     base = bundle.predict(x, sigma, cond)
-    state = ZImageLoraLoaderMixin.lora_state_dict(str(path))
+    state = ZImageLoraLoaderMixin.lora_state_dict(str(path.parent), weight_name=path.name)
     state = state[0] if isinstance(state, tuple) else state
     bundle.unet.load_lora_adapter(state, prefix="transformer", adapter_name="t")
     theirs = bundle.predict(x, sigma, cond)
