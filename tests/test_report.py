@@ -264,24 +264,28 @@ def _count_rows(monkeypatch) -> list[int]:
     return rows
 
 
-@pytest.mark.parametrize("alt", [1.0, 0.0])
+@pytest.mark.parametrize("alt, listed", [(1.0, ""), (0.0, ""), (1.0, "a city street at night")])
 def test_addift_card_costs_a_few_rows_measures_reverse_only_when_trained_and_check_agrees(trainer, tmp_path,
-                                                                                          monkeypatch, alt):
-    """Layout 3 (issue 18: ADDifT's card cost 15-20% of its 30-step default run): one draw, one built-in
-    neighbour on it, weight −1 only when reverse steps were trained, one forward per multiplier. Layout 2 made
-    40 rows in 10 forwards (4 draws × (reference, 0, 1, −1) + 3 neighbours × 2 weights × 4 draws)."""
+                                                                                          monkeypatch, alt, listed):
+    """Layout 3 (issue 18: ADDifT's card cost 15-20% of its 30-step default run): one draw, no built-in
+    neighbours (a slider moves every prompt; listed ones are measured), weight −1 only when reverse steps were
+    trained, one forward per multiplier. Layout 2 made 40 rows in 10 forwards (4 draws × (reference, 0, 1, −1)
+    + 3 neighbours × 2 weights × 4 draws)."""
     rows = _count_rows(monkeypatch)
     values = {**_pair_mode("ADDifT", tmp_path), "model": "tiny-sd1", "train_iterations": 6, "train_batch_size": 1,
-              "diff_alt_ratio": alt, "save_lora_name": f"alt{alt:g}"}
+              "diff_alt_ratio": alt, "save_lora_name": f"alt{alt:g}", "report_neighbours": listed}
     result = trainer.run(**values)
     card = result["report"]
-    # (reference, own, neighbour) at 0; (own, neighbour) at 1; own at −1 when reverse steps trained
-    assert rows == ([3, 2, 1] if alt else [3, 2]) and card["neighbours"] == 1
-    assert card["learned"] and (card["reverse"] is not None) == bool(alt) and card["specificity"] > 0
+    # (reference, own[, neighbour]) at 0; (own[, neighbour]) at 1; own at −1 when reverse steps trained
+    n = 1 if listed else 0
+    expected = [2 + n, 1 + n, 1] if alt else [2 + n, 1 + n]
+    assert rows == expected and card["neighbours"] == n
+    assert card["learned"] and (card["reverse"] is not None) == bool(alt)
+    assert (card["specificity"] is not None and card["specificity"] > 0) if listed else card["specificity"] is None
     rows.clear()
     with trainer.host.acquire("tiny-sd1", "", precision="fp32", v_pred=None) as bundle:
         checked = check_lora(result["lora_path"], bundle, images_dir=tmp_path)
-    assert rows == ([3, 2, 1] if alt else [3, 2]) and checked["report_lines"] == Card(**card).lines()
+    assert rows == expected and checked["report_lines"] == Card(**card).lines()
 
 
 def test_a_layout_2_addift_probe_is_still_measured_the_old_way(trainer, tmp_path, monkeypatch):

@@ -403,7 +403,7 @@ FIELDS: tuple[Field, ...] = (
     _opt(3, "report_neighbours", str, "",
          "Report card: prompts the LoRA should leave alone, one per line; their drift is reported relative "
          "to the LoRA's own move. Empty = a small built-in set (plus, in LoRA mode, dataset captions without "
-         "the trigger word).", **_TA, label="Report card neighbours", group="advanced"),
+         "the trigger word; ADDifT: none, its sliders are meant to move every prompt).", **_TA, label="Report card neighbours", group="advanced"),
     # -- practitioners' controls (kohya names where kohya has the setting)
     _opt(1, "reg_data_directory", str, "",
          "Folder of regularization (class) images, kohya style: each epoch mixes one reg image per training "
