@@ -38,10 +38,10 @@ from trainer.models.dit_files import (
     has_tokenizer,
     hf_cached,
     load_part,
+    qwen3_file_config,
     read_shapes,
     refuse_scaled_fp8,
     strip,
-    text_encoder_config,
 )
 
 CONFIGS = Path(__file__).parent / "configs" / "anima"
@@ -188,12 +188,7 @@ def check_anima_set(transformer: str, text_encoder: str, vae: str) -> tuple[dict
         a_cfg = adapter_config(strip({k: v for k, v in shapes.items() if k.startswith("llm_adapter.")}, ("llm_adapter.",)))
     except KeyError as err:
         raise InputError(transformer, f"model: an Anima transformer without {err}; the file is incomplete") from err
-    te = strip(read_shapes(text_encoder, "text_encoder"), TE_PREFIXES)
-    refuse_scaled_fp8(text_encoder, te, "text_encoder")
-    if "layers.0.self_attn.q_norm.weight" not in te or "embed_tokens.weight" not in te:
-        raise InputError(text_encoder, "text_encoder: is not a Qwen3 text encoder file; choose Anima's Qwen3-0.6B "
-                                       "(qwen_3_06b_base.safetensors)")
-    te_cfg = text_encoder_config(te)
+    te_cfg = qwen3_file_config(text_encoder, "Anima's Qwen3-0.6B (qwen_3_06b_base.safetensors)")
     if te_cfg["hidden_size"] != a_cfg["source_dim"]:
         raise InputError(text_encoder, f"text_encoder: has hidden size {te_cfg['hidden_size']} but Anima's LLM adapter "
                                        f"reads {a_cfg['source_dim']} (Qwen3-0.6B); choose qwen_3_06b_base.safetensors")

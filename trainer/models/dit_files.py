@@ -164,6 +164,20 @@ def vae_config(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any]:
 
 # -- checks before any weight is read -----------------------------------------------------------------
 
+
+def qwen3_file_config(path: str, choose: str) -> dict[str, Any]:
+    """A Qwen3 text-encoder file's config, read from its header (no weight is read).
+
+    Raises:
+        InputError: a ComfyUI fp8-scaled file, or a file that is not Qwen3 (``choose`` names the right one).
+    """
+    te = strip(read_shapes(path, "text_encoder"), TE_PREFIXES)
+    refuse_scaled_fp8(path, te, "text_encoder")
+    if "layers.0.self_attn.q_norm.weight" not in te or "embed_tokens.weight" not in te:
+        raise InputError(path, f"text_encoder: is not a Qwen3 text encoder file; choose {choose}")
+    return text_encoder_config(te)
+
+
 def check_zimage_set(transformer: str, text_encoder: str, vae: str) -> tuple[dict, dict, dict]:
     """Check the three files fit together, from their headers; returns the (transformer, TE, VAE) configs.
 
@@ -182,12 +196,7 @@ def check_zimage_set(transformer: str, text_encoder: str, vae: str) -> tuple[dic
         t_cfg = transformer_config(dit)
     except KeyError as err:
         raise InputError(transformer, f"model: a Z-Image transformer without {err}; the file is incomplete") from err
-    te = strip(read_shapes(text_encoder, "text_encoder"), TE_PREFIXES)
-    refuse_scaled_fp8(text_encoder, te, "text_encoder")
-    if "layers.0.self_attn.q_norm.weight" not in te or "embed_tokens.weight" not in te:
-        raise InputError(text_encoder, "text_encoder: is not a Qwen3 text encoder file; choose Z-Image's Qwen3-4B "
-                                       "(qwen_3_4b.safetensors)")
-    te_cfg = text_encoder_config(te)
+    te_cfg = qwen3_file_config(text_encoder, "Z-Image's Qwen3-4B (qwen_3_4b.safetensors)")
     if te_cfg["hidden_size"] != t_cfg["cap_feat_dim"]:
         size = {1024: " (Qwen3-0.6B, Anima's)", 4096: " (Qwen3-8B)"}.get(te_cfg["hidden_size"], "")
         raise InputError(text_encoder, f"text_encoder: has hidden size {te_cfg['hidden_size']}{size} but this Z-Image "
