@@ -298,18 +298,10 @@ class NeoDiTBundle:
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         """Non-reentrant checkpointing of the transformer blocks through instance forwards."""
-        from trainer.models.webui_runtime import _checkpoint_forward
+        from trainer.models.webui_runtime import checkpoint_blocks
 
-        if enabled and not self._checkpointed:
-            for m in self.transformer.modules():
-                if type(m).__name__ in BLOCK_CLASSES and "forward" not in m.__dict__:
-                    m.forward = _checkpoint_forward(m, inplace_guard=True)
-                    self._checkpointed.append(m)
-        elif not enabled:
-            for m in self._checkpointed:
-                if getattr(m.__dict__.get("forward"), "__traintrain_checkpoint__", False):
-                    del m.__dict__["forward"]
-            self._checkpointed = []
+        self._checkpointed = checkpoint_blocks(self.transformer, BLOCK_CLASSES, self._checkpointed, enabled,
+                                               inplace_guard=True)
 
     def offload(self, *parts: str) -> None:
         """Nothing: Neo's memory manager moves its text encoder and VAE itself."""

@@ -174,6 +174,23 @@ def _buffer_copy(b: torch.Tensor) -> torch.Tensor:
     return b.clone()
 
 
+def checkpoint_blocks(root: nn.Module, classes, checkpointed: list[nn.Module], enabled: bool, *,
+                      inplace_guard: bool) -> list[nn.Module]:
+    """Put checkpointed instance forwards (:func:`_checkpoint_forward`) on ``root``'s modules whose class name
+    is in ``classes`` (``enabled``), or take the ones in ``checkpointed`` off; returns the modules carrying one."""
+    if enabled and not checkpointed:
+        for m in root.modules():
+            if type(m).__name__ in classes and "forward" not in m.__dict__:
+                m.forward = _checkpoint_forward(m, inplace_guard=inplace_guard)
+                checkpointed.append(m)
+    elif not enabled:
+        for m in checkpointed:
+            if getattr(m.__dict__.get("forward"), "__traintrain_checkpoint__", False):
+                del m.__dict__["forward"]
+        return []
+    return checkpointed
+
+
 def _checkpoint_forward(module: nn.Module, inplace_guard: bool = False):
     """An instance forward running ``type(module).forward`` (looked up per call, so class-level hijacks
     underneath keep working) under non-reentrant checkpointing while grad is enabled.
@@ -471,16 +488,8 @@ class WebUIBundle:
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         """Non-reentrant checkpointing through instance forwards on SpatialTransformer/ResBlock (never
         A1111's reentrant ``sd_hijack_checkpoint``, never ldm's own flags: both drop adapter grads)."""
-        if enabled and not self._checkpointed:
-            for m in self.unet.modules():
-                if type(m).__name__ in CHECKPOINTED_CLASSES and "forward" not in m.__dict__:
-                    m.forward = _checkpoint_forward(m, inplace_guard=self.forge)
-                    self._checkpointed.append(m)
-        elif not enabled:
-            for m in self._checkpointed:
-                if getattr(m.__dict__.get("forward"), "__traintrain_checkpoint__", False):
-                    del m.__dict__["forward"]
-            self._checkpointed = []
+        self._checkpointed = checkpoint_blocks(self.unet, CHECKPOINTED_CLASSES, self._checkpointed, enabled,
+                                               inplace_guard=self.forge)
 
     def offload(self, *parts: str) -> None:
         """Move the VAE / text encoders to the CPU (A1111; Forge manages memory itself). The host puts
