@@ -135,19 +135,16 @@ class ForgeObjects:
         return ForgeObjects(self.unet, self.clip, self.vae)
 
 
-class _Engine:
-    """``ForgeDiffusionEngine``: not an ``nn.Module``; the legacy flags A1111 code reads."""
+class ForgeDiffusionEngine:
+    """Forge/Neo's engine base (``backend/diffusion_engine/base.py``): not an ``nn.Module``; its parts in
+    ``forge_objects`` (with the two copies Forge keeps) and the legacy names A1111 code reads."""
 
     is_sd1 = is_sdxl = False
 
-    def __init__(self, ldm, storage_dtype=torch.float32) -> None:
-        self._ldm = ldm
-        unet = IntegratedUNet2DConditionModel(ldm.model.diffusion_model.diffusers_unet)
-        predictor = Predictor(ldm.alphas_cumprod, getattr(ldm, "parameterization", "eps"))
-        self.forge_objects = ForgeObjects(UnetPatcher(KModel(unet, predictor, storage_dtype)), _Clip(self._text(ldm)),
-                                          _Vae(ldm.first_stage_model))
-        self.forge_objects_original = self.forge_objects.shallow_copy()
-        self.forge_objects_after_applying_lora = self.forge_objects.shallow_copy()
+    def hold(self, objects: ForgeObjects) -> None:
+        self.forge_objects = objects
+        self.forge_objects_original = objects.shallow_copy()
+        self.forge_objects_after_applying_lora = objects.shallow_copy()
 
     @property
     def first_stage_model(self):
@@ -156,6 +153,17 @@ class _Engine:
     @property
     def cond_stage_model(self):
         return self.forge_objects.clip.cond_stage_model
+
+
+class _Engine(ForgeDiffusionEngine):
+    """Forge's SD engines over the fake ldm model."""
+
+    def __init__(self, ldm, storage_dtype=torch.float32) -> None:
+        self._ldm = ldm
+        unet = IntegratedUNet2DConditionModel(ldm.model.diffusion_model.diffusers_unet)
+        predictor = Predictor(ldm.alphas_cumprod, getattr(ldm, "parameterization", "eps"))
+        self.hold(ForgeObjects(UnetPatcher(KModel(unet, predictor, storage_dtype)), _Clip(self._text(ldm)),
+                               _Vae(ldm.first_stage_model)))
 
     @torch.inference_mode()
     def get_learned_conditioning(self, prompts):

@@ -491,11 +491,9 @@ class _Clip:
         self.cond_stage_model = cond_stage_model
 
 
-class _NeoEngine:
-    """``ForgeDiffusionEngine``: not an ``nn.Module``. ``storage_dtype`` bf16 is what Neo does on CPU (and with
-    ``--bf16-unet``): weights stored in bf16, computation in fp32, each Linear casting its weight per call."""
-
-    is_sd1 = is_sdxl = False
+class _NeoEngine(fake_forge_models.ForgeDiffusionEngine):
+    """Neo's DiT engines. ``storage_dtype`` bf16 is what Neo does on CPU (and with ``--bf16-unet``): weights
+    stored in bf16, computation in fp32, each Linear casting its weight per call."""
 
     def __init__(self, transformer: nn.Module, text_encoder: Qwen3, vae: VAE, repo: str,
                  storage_dtype: torch.dtype = torch.float32) -> None:
@@ -509,17 +507,7 @@ class _NeoEngine:
             kmodel.storage_dtype, kmodel.computation_dtype = storage_dtype, torch.float32
         unet = fake_forge_models.UnetPatcher(kmodel)
         clip = _Clip(nn.ModuleDict({self.clip_name: text_encoder}))
-        self.forge_objects = fake_forge_models.ForgeObjects(unet, clip, vae)
-        self.forge_objects_original = self.forge_objects.shallow_copy()
-        self.forge_objects_after_applying_lora = self.forge_objects.shallow_copy()
-
-    @property
-    def first_stage_model(self):
-        return self.forge_objects.vae.first_stage_model
-
-    @property
-    def cond_stage_model(self):
-        return self.forge_objects.clip.cond_stage_model
+        self.hold(fake_forge_models.ForgeObjects(unet, clip, vae))
 
     def get_first_stage_encoding(self, x):
         return x
